@@ -1,0 +1,5 @@
+import sys
+
+from segicl.cli import main
+
+sys.exit(main())

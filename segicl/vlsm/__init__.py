@@ -1,0 +1,1 @@
+"""Vision-language segmentation baselines: CLIPSeg, CRIS, BiomedCLIPSeg(-D); prompt learners; adapters."""
