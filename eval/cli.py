@@ -1,0 +1,150 @@
+"""``segicl evaluate``: SegICL and every comparator on the same data; tables and plots for a paper.
+
+Examples::
+
+    segicl evaluate --data ../shared/data/kvasir_seg --data ../shared/data/acdc_cardiac_mri \\
+        --methods segicl,vlsm:runs/clipseg_coop,unet_supervised,unet_fewshot \\
+        --k 0,1,3,5 --supports random,retrieved --draws 3 --out runs/eval
+    segicl evaluate --loo --checkpoints runs/loo --data ../shared/data/kvasir_seg ... --out runs/eval_loo
+
+Heavy imports (torch, MONAI, faiss) happen inside :func:`main`, so ``segicl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _str_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of ``segicl evaluate``."""
+    parser.add_argument("--data", action="append", type=Path, required=True, metavar="DIR",
+                        help="dataset folder (repeat for several); a folder holding dataset folders is expanded")
+    parser.add_argument("--split", default="test", help="split to evaluate (supports always come from train)")
+    parser.add_argument("--methods", type=_str_list, default=["segicl"],
+                        help="comma list: segicl, vlsm:<saved model dir>, unet_supervised, unet_fewshot")
+    parser.add_argument("--k", type=_int_list, default=[0, 1, 3, 5], help="numbers of supports, e.g. 0,1,3,5")
+    parser.add_argument("--supports", type=_str_list, default=["random"], help="random and/or retrieved")
+    parser.add_argument("--draws", type=int, default=1, help="support draws per (k, policy)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="SegICL checkpoint dir (default: the shipped one; 'preset:tiny' = random tiny weights)")
+    parser.add_argument("--loo", action="store_true",
+                        help="leave-one-dataset-out: each dataset with the checkpoint trained without it")
+    parser.add_argument("--checkpoints", type=Path, default=None,
+                        help="with --loo: folder of checkpoints, one per held-out dataset")
+    parser.add_argument("--steps", type=int, default=None, help="SegICL denoising steps (default: eval config)")
+    parser.add_argument("--samples", type=int, default=None, help="SegICL diffusion samples (default: eval config)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
+    parser.add_argument("--config", type=Path, default=None,
+                        help="eval config YAML (default configs/eval/default.yaml): U-Net budgets, NSD tolerance, ...")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    return parser
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point of the ``segicl.commands`` plugin group."""
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="evaluate SegICL and the baselines; writes results.csv, summary.md, plots, run.json",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=main)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse ``segicl evaluate`` options (without the subcommand name)."""
+    return add_arguments(argparse.ArgumentParser(prog="segicl evaluate")).parse_args(argv)
+
+
+def _expand_data(paths: Sequence[Path]) -> list[Path]:
+    """Dataset folders: a path with images/ is one; otherwise its dataset sub-folders, sorted."""
+    from segicl.data import find_datasets
+
+    out: list[Path] = []
+    for p in paths:
+        if (p / "images").is_dir():
+            out.append(p)
+        elif p.is_dir():
+            found = find_datasets(p)
+            if not found:
+                raise SystemExit(f"segicl evaluate: {p}: no dataset folders (images/ + masks/) found")
+            out.extend(found)
+        else:
+            raise SystemExit(f"segicl evaluate: {p}: not a directory")
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run the suite from parsed options; print where the outputs are."""
+    from eval.suite import SuiteConfig, load_eval_config, loo_checkpoints, run_suite
+
+    if args.loo and args.checkpoints is None:
+        raise SystemExit("segicl evaluate: --loo needs --checkpoints DIR")
+    if args.checkpoints is not None and not args.loo:
+        raise SystemExit("segicl evaluate: --checkpoints is for --loo (use --checkpoint for one model)")
+    if args.loo and args.checkpoint is not None:
+        raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
+    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name in ("segicl", "__main__.py") else None
+    cfg = SuiteConfig(
+        data=_expand_data(args.data),
+        out=args.out,
+        methods=args.methods,
+        split=args.split,
+        ks=args.k,
+        supports=args.supports,
+        draws=args.draws,
+        checkpoint=args.checkpoint,
+        steps=args.steps,
+        samples=args.samples,
+        seed=args.seed,
+        limit=args.limit,
+        config=load_eval_config(args.config),
+        config_path=str(args.config) if args.config else None,
+        command="segicl " + shlex.join(argv) if argv else "segicl evaluate " + _describe(args),
+        progress=not args.no_progress,
+    )
+    try:
+        cfg.validate()
+        if args.loo:
+            cfg.checkpoints = loo_checkpoints(cfg, args.checkpoints)
+    except (ValueError, FileNotFoundError) as exc:
+        raise SystemExit(f"segicl evaluate: {exc}") from exc
+    paths = run_suite(cfg)
+    for name, path in paths.items():
+        print(f"{name:>12}: {path}")
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> str:
+    """A command line equivalent to ``args`` (when the process was not started as ``segicl``)."""
+    parts: list[str] = []
+    for d in args.data:
+        parts += ["--data", str(d)]
+    parts += ["--split", args.split, "--methods", ",".join(args.methods), "--k", ",".join(map(str, args.k)),
+              "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
+    for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
+                        ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config)):
+        if value is not None:
+            parts += [flag, str(value)]
+    if args.loo:
+        parts.append("--loo")
+    parts += ["--out", str(args.out)]
+    return shlex.join(parts)

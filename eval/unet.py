@@ -1,0 +1,146 @@
+"""Supervised U-Net references: MONAI's ``UNet`` trained from scratch (no pretrained weights).
+
+Two references bracket the in-context methods in the evaluation suite:
+
+- the *ceiling*: one U-Net per (dataset, label) trained on the dataset's train split;
+- the *few-shot floor*: a U-Net trained on exactly the k supports an in-context method sees.
+
+Both train under a small, fixed CPU budget read from the eval config (``configs/eval/*.yaml``,
+blocks ``unet_supervised`` and ``unet_fewshot``). Images are resized to ``size x size`` for the
+network (:func:`segicl.data.transforms.image_to_tensor`) and the probability is resized back to
+the stored resolution, so metrics are taken at the mask's own resolution like every other method.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from PIL import Image
+
+from segicl.data import Sample
+from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
+
+
+@dataclass
+class UNetConfig:
+    """Architecture and training budget of a reference U-Net."""
+
+    size: int = 96  # network input side, pixels (images are resized to size x size)
+    channels: tuple[int, ...] = (16, 32, 64, 128)  # feature maps per level (MONAI UNet `channels`)
+    strides: tuple[int, ...] = (2, 2, 2)  # down-sampling per level, len(channels) - 1 entries
+    num_res_units: int = 1  # residual units per block
+    steps: int = 300  # optimiser steps (the CPU budget)
+    batch_size: int = 8
+    lr: float = 2e-3  # AdamW learning rate, cosine-decayed to 0
+    weight_decay: float = 1e-4
+    hflip: bool = True  # random horizontal flips as augmentation
+    max_train_items: int | None = None  # cap on training images (None: all given)
+
+    @classmethod
+    def from_dict(cls, cfg: dict | None) -> UNetConfig:
+        """Build from a config block, rejecting unknown keys (typos must not pass silently)."""
+        cfg = dict(cfg or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(cfg) - known)
+        if unknown:
+            raise ValueError(f"unknown U-Net config keys {unknown}; known: {sorted(known)}")
+        for key in ("channels", "strides"):
+            if key in cfg:
+                cfg[key] = tuple(int(v) for v in cfg[key])
+        out = cls(**cfg)
+        if len(out.strides) != len(out.channels) - 1:
+            raise ValueError(f"strides {out.strides} must have len(channels) - 1 = {len(out.channels) - 1} entries")
+        if out.size <= 0 or out.steps < 0 or out.batch_size <= 0:
+            raise ValueError(f"size and batch_size must be positive and steps >= 0, got {out}")
+        return out
+
+
+def build_unet(cfg: UNetConfig) -> torch.nn.Module:
+    """MONAI 2-D UNet, 3 input channels (RGB, gray replicated), 1 output logit per pixel."""
+    from monai.networks.nets import UNet
+
+    return UNet(
+        spatial_dims=2,
+        in_channels=3,
+        out_channels=1,
+        channels=cfg.channels,
+        strides=cfg.strides,
+        num_res_units=cfg.num_res_units,
+    )
+
+
+@dataclass
+class UNetSegmenter:
+    """A trained U-Net: PIL image in, probability map at the image's own size out."""
+
+    net: torch.nn.Module
+    size: int
+    train_items: int = 0
+    losses: list[float] = field(default_factory=list)
+
+    @torch.no_grad()
+    def predict(self, image: Image.Image) -> np.ndarray:
+        """Foreground probability (H, W) float32 in [0, 1] at the stored resolution of ``image``."""
+        self.net.eval()
+        x = image_to_tensor(image, self.size)[None]  # (1, 3, S, S)
+        prob = torch.sigmoid(self.net(x))[0, 0]  # (S, S)
+        return np.clip(resize_prob(prob, (image.height, image.width)), 0.0, 1.0)
+
+
+def _tensors(samples: Sequence[Sample], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.stack([image_to_tensor(s.image, size) for s in samples])  # (N, 3, S, S)
+    y = torch.stack([mask_to_tensor(s.mask, size) for s in samples])  # (N, 1, S, S)
+    return x, y
+
+
+def train_unet(samples: Sequence[Sample], cfg: UNetConfig, seed: int) -> UNetSegmenter:
+    """Train a U-Net from scratch on (image, binary mask) samples under ``cfg``'s budget.
+
+    Deterministic for a given ``seed`` and sample order: initialisation, batch sampling and flips
+    use generators seeded from it, and the global torch RNG is left as it was.
+
+    Args:
+        samples: training samples (image + mask of the task's label); at least one.
+        cfg: architecture and budget.
+        seed: seed of initialisation and batch order.
+
+    Returns:
+        The trained :class:`UNetSegmenter` (in eval mode), with the per-step losses.
+    """
+    from monai.losses import DiceCELoss
+
+    if not samples:
+        raise ValueError("a U-Net needs at least one training sample")
+    samples = list(samples)
+    gen = torch.Generator().manual_seed(int(seed))
+    if cfg.max_train_items is not None and len(samples) > cfg.max_train_items:
+        keep = torch.randperm(len(samples), generator=gen)[: cfg.max_train_items].sort().values
+        samples = [samples[int(i)] for i in keep]
+    x_all, y_all = _tensors(samples, cfg.size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        net = build_unet(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
+    loss_fn = DiceCELoss(sigmoid=True, batch=True)
+    losses: list[float] = []
+    net.train()
+    n = len(samples)
+    for _ in range(cfg.steps):
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)  # with replacement: k=1 works too
+        x, y = x_all[idx], y_all[idx]
+        if cfg.hflip:
+            flip = torch.rand(len(idx), generator=gen) < 0.5
+            x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            y = torch.where(flip[:, None, None, None], y.flip(-1), y)
+        loss = loss_fn(net(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss.detach()))
+    net.eval()
+    return UNetSegmenter(net=net, size=cfg.size, train_items=n, losses=losses)
