@@ -132,8 +132,9 @@ def summarize(
         summary["n"] = len(per_stem)
         summary["draws"] = max((len(v) for v in per_stem.values()), default=0)
         summary["errors"] = len(members) - len(ok)
+        stems = sorted(per_stem)  # the bootstrap resamples images in a fixed order: row order does not matter
         for m in METRICS:
-            vals = np.array([_nanmean([float(r[m]) for r in rs]) for rs in per_stem.values()], dtype=np.float64)
+            vals = np.array([_nanmean([float(r[m]) for r in per_stem[st]]) for st in stems], dtype=np.float64)
             finite = vals[np.isfinite(vals)]
             summary[f"{m}_mean"] = float(finite.mean()) if finite.size else math.nan
             summary[f"{m}_std"] = float(finite.std(ddof=1)) if finite.size > 1 else math.nan

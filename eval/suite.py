@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -94,14 +94,19 @@ class SuiteConfig:
     command: str = ""  # the command line, for run.json
     progress: bool = True  # tqdm progress bar
 
-    def validate(self) -> None:
-        """Raise ValueError on inconsistent settings before any work starts."""
+    def validate(self, injected: Sequence[str] = ()) -> None:
+        """Raise ValueError on inconsistent settings before any work starts.
+
+        Args:
+            injected: names of ready-made methods (not parsed as specs).
+        """
         if not self.data:
             raise ValueError("no dataset given (--data DIR)")
         if not self.methods:
             raise ValueError("no method given (--methods)")
         for spec in self.methods:
-            parse_spec(spec)
+            if spec not in injected:
+                parse_spec(spec)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"duplicate methods in {self.methods}")
         if not self.ks or any(k < 0 for k in self.ks):
@@ -257,7 +262,7 @@ class Runner:
 
     def __init__(self, cfg: SuiteConfig, methods: dict[str, Method] | None = None,
                  store_factory: Callable[[SegDataset, str], Any] | None = None):
-        cfg.validate()
+        cfg.validate(injected=list(methods or {}))
         self.store_factory = store_factory
         self.cfg = cfg
         self.threshold = float(cfg.config.get("threshold", 0.5))
@@ -297,7 +302,7 @@ class Runner:
     def qualitative_spec(self) -> str:
         """The method shown in qualitative.png: SegICL if evaluated, else the first with supports."""
         for spec in self.cfg.methods:
-            if spec.startswith("segicl"):
+            if spec not in self.injected and parse_spec(spec)[0] == "segicl":
                 return spec
         for spec in self.cfg.methods:
             if (self.injected.get(spec) or method_class(spec)).uses_supports:

@@ -1,0 +1,219 @@
+"""The evaluation suite end to end on a few real images with tiny models (CPU, seconds).
+
+One module-scoped run evaluates a tiny random VLSM, both MONAI U-Nets, an in-context stand-in that
+uses its supports and seed, and a method that always fails, on kvasir_seg (1 label) and
+wbc_blood_smear (2 labels); the tests then read its files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from eval import report
+from eval.methods import Method, derive_seed
+from eval.suite import SuiteConfig, jobs_for, load_eval_config, run_suite
+from segicl import CONFIGS_DIR
+from segicl.data import Sample, load_dataset
+from segicl.data.transforms import resize_prob
+
+DATASETS = ("kvasir_seg", "wbc_blood_smear")
+LIMIT = 2
+KS = [0, 1, 2]
+DRAWS = 2
+
+
+class MeanSupportMask(Method):
+    """In-context stand-in: the mean of the support masks (resized), jittered by the seed."""
+
+    name = "mean_support"
+    uses_supports = True
+    stochastic = True
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        h, w = query.mask.shape
+        if supports:
+            prob = np.mean([resize_prob(s.mask.astype(np.float32), (h, w)) for s in supports], axis=0)
+        else:
+            prob = np.full((h, w), 0.4, dtype=np.float32)
+        prob = np.clip(prob + np.random.default_rng(seed).normal(0, 0.05, prob.shape), 0, 1).astype(np.float32)
+        return prob, prob * (1 - prob)
+
+
+class Broken(Method):
+    """Fails on every second image (by stem parity), like a model that crashes on some inputs."""
+
+    name = "broken"
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        if int(derive_seed(query.stem)) % 2 == 0:
+            raise RuntimeError("simulated failure\non two lines")
+        return np.zeros(query.mask.shape, dtype=np.float32), None
+
+
+class FakeStore:
+    """Support store stand-in for ``retrieved``: train items in a fixed order per query."""
+
+    def __init__(self, ds, split):
+        self.ds = ds
+        self.stems = ds.stems(split)
+
+    def search(self, image, k, dataset, label, exclude_stems, exclude_groups):
+        order = sorted(self.stems, key=lambda s: derive_seed(s, image.size))
+        keep = [s for s in order if s not in exclude_stems and self.ds.group(s) not in exclude_groups
+                and label in self.ds.labels_present(s)]
+        return [{"stem": s, "score": 1.0} for s in keep[:k]]
+
+
+@pytest.fixture(scope="module")
+def vlsm_dir(tmp_path_factory) -> Path:
+    vlsm = pytest.importorskip("segicl.vlsm")
+    model = vlsm.build_vlsm("clipseg", "zero_shot", CONFIGS_DIR / "vlsm" / "clipseg_tiny.yaml")
+    return model.save_pretrained(tmp_path_factory.mktemp("vlsm") / "clipseg_tiny")
+
+
+def _config(shared_data: Path, out: Path, methods: list[str], **kw) -> SuiteConfig:
+    return SuiteConfig(
+        data=[shared_data / d for d in DATASETS], out=out, methods=methods, ks=KS,
+        supports=kw.pop("supports", ["random", "retrieved"]), draws=DRAWS, seed=kw.pop("seed", 7), limit=LIMIT,
+        config=load_eval_config(CONFIGS_DIR / "eval" / "tiny.yaml"), progress=False, **kw,
+    )  # fmt: skip
+
+
+def _injected() -> dict[str, Method]:
+    return {"mean_support": MeanSupportMask(), "broken": Broken()}
+
+
+@pytest.fixture(scope="module")
+def run(shared_data: Path, vlsm_dir: Path, tmp_path_factory) -> tuple[SuiteConfig, dict[str, Path]]:
+    out = tmp_path_factory.mktemp("eval_run")
+    methods = [f"vlsm:{vlsm_dir}", "unet_supervised", "unet_fewshot", "mean_support", "broken"]
+    cfg = _config(shared_data, out, methods)
+    return cfg, run_suite(cfg, _injected(), store_factory=FakeStore)
+
+
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def test_every_output_file_with_documented_columns(run) -> None:
+    cfg, paths = run
+    for name in ("results.csv", "summary.csv", "summary.md", "dice_vs_k.png", "qualitative.png", "run.json"):
+        assert (cfg.out / name).is_file(), name
+    cols, rows = _read(cfg.out / "results.csv")
+    assert cols == report.RESULT_COLUMNS
+    scols, summary = _read(cfg.out / "summary.csv")
+    assert scols == report.SUMMARY_COLUMNS
+    md = (cfg.out / "summary.md").read_text()
+    for spec in cfg.methods:
+        assert f"| {spec} |" in md
+    for png in ("dice_vs_k.png", "qualitative.png"):
+        with Image.open(cfg.out / png) as im:
+            assert im.width > 300 and im.height > 200
+    meta = json.loads((cfg.out / "run.json").read_text())
+    for key in ("command", "versions", "checkpoint_sha256", "seed", "wall_seconds", "eval_config", "methods"):
+        assert key in meta
+    assert meta["seed"] == 7 and meta["wall_seconds"] > 0 and meta["versions"]["torch"]
+    assert meta["rows"] == len(rows)
+
+
+def test_one_row_per_cell(run, shared_data: Path) -> None:
+    cfg, _ = run
+    _, rows = _read(cfg.out / "results.csv")
+    n_tasks = sum(len(load_dataset(shared_data / d).tasks()) for d in DATASETS)  # kvasir 1 + wbc 2
+    injected = _injected()
+    per_task = 0
+    for spec in cfg.methods:
+        from eval.methods import method_class
+
+        per_task += len(jobs_for(injected.get(spec) or method_class(spec), cfg)) * LIMIT
+    assert len(rows) == n_tasks * per_task
+    keys = {(r["dataset"], r["label"], r["stem"], r["method"], r["k"], r["supports"], r["draw"]) for r in rows}
+    assert len(keys) == len(rows)
+    assert {r["label"] for r in rows if r["dataset"] == "wbc_blood_smear"} == {"cytoplasm", "nucleus"}
+    fewshot = {(r["k"], r["supports"]) for r in rows if r["method"] == "unet_fewshot"}
+    assert fewshot == {("1", "random"), ("2", "random"), ("1", "retrieved"), ("2", "retrieved")}  # no k = 0
+    assert {r["supports"] for r in rows if r["method"] == "unet_supervised"} == {"train"}
+    assert {(r["k"], r["supports"]) for r in rows if r["method"] == "mean_support" and r["k"] == "0"} == {("0", "none")}
+
+
+def test_supports_come_from_train_split_outside_the_query_group(run, shared_data: Path) -> None:
+    cfg, _ = run
+    _, rows = _read(cfg.out / "results.csv")
+    datasets = {d: load_dataset(shared_data / d) for d in DATASETS}
+    by_draw: dict[tuple, dict[int, list[str]]] = {}
+    for r in rows:
+        if not r["support_stems"]:
+            assert r["k"] in ("", "0")
+            continue
+        ds = datasets[r["dataset"]]
+        stems = r["support_stems"].split(";")
+        assert len(stems) == int(r["k"])
+        for s in stems:
+            assert ds.split_of(s) == "train"
+            assert ds.group(s) != ds.group(r["stem"])
+            assert ds.labels[int(r["label_value"])] == r["label"]
+            assert int(r["label_value"]) in ds.labels_present(s)  # supports show the structure
+        if r["supports"] == "random":
+            by_draw.setdefault((r["dataset"], r["label"], r["stem"], r["method"], r["draw"]), {})[int(r["k"])] = stems
+    for sets in by_draw.values():  # random sets are nested across k
+        assert sets[2][:1] == sets[1]
+    # different draws give different random supports; the same draw is shared by the methods
+    a = {(r["stem"], r["draw"], r["k"]): r["support_stems"] for r in rows if r["method"] == "unet_fewshot" and r["supports"] == "random"}
+    b = {(r["stem"], r["draw"], r["k"]): r["support_stems"] for r in rows if r["method"] == "mean_support" and r["supports"] == "random"}
+    assert a == b
+    assert any(a[(s, "0", k)] != a[(s, "1", k)] for (s, _, k) in a)
+
+
+def test_failing_method_records_error_and_run_goes_on(run) -> None:
+    cfg, _ = run
+    _, rows = _read(cfg.out / "results.csv")
+    broken = [r for r in rows if r["method"] == "broken"]
+    failed = [r for r in broken if r["error"]]
+    assert failed and len(failed) < len(broken)
+    for r in failed:
+        assert r["error"] == "RuntimeError: simulated failure on two lines"
+        assert all(r[m] == "nan" for m in ("dice", "iou", "hd95", "nsd"))
+    ok = [r for r in rows if r["method"] != "broken"]
+    assert ok and not any(r["error"] for r in ok)
+    assert all(0.0 <= float(r["dice"]) <= 1.0 and float(r["seconds"]) >= 0 for r in ok)
+    _, summary = _read(cfg.out / "summary.csv")
+    errors = {(s["dataset"], s["label"]): int(s["errors"]) for s in summary if s["method"] == "broken"}
+    assert sum(errors.values()) == len(failed)
+
+
+def test_summary_interval_contains_mean(run) -> None:
+    cfg, _ = run
+    _, summary = _read(cfg.out / "summary.csv")
+    checked = 0
+    for s in summary:
+        for m in ("dice", "iou", "hd95", "nsd"):
+            mean, lo, hi = (float(s[f"{m}_{x}"]) for x in ("mean", "ci_low", "ci_high"))
+            if math.isfinite(mean):
+                assert lo <= mean <= hi
+                checked += 1
+        assert int(s["n"]) <= LIMIT
+    assert checked > 40
+
+
+def test_same_seed_same_results(run, shared_data: Path, vlsm_dir: Path, tmp_path: Path) -> None:
+    """A second run with the same seed reproduces results.csv (all but the timing column)."""
+    cfg, _ = run
+    again = _config(shared_data, tmp_path / "again", list(cfg.methods))
+    run_suite(again, _injected(), store_factory=FakeStore)
+
+    def strip(path: Path) -> list[list[str]]:
+        with open(path, newline="") as fh:
+            return [row[:-2] + row[-1:] for row in csv.reader(fh)]  # drop "seconds"
+
+    assert report.RESULT_COLUMNS[-2] == "seconds"
+    assert strip(cfg.out / "results.csv") == strip(tmp_path / "again" / "results.csv")
+    assert (cfg.out / "summary.csv").read_text().count("\n") == (tmp_path / "again" / "summary.csv").read_text().count("\n")
