@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -102,7 +101,6 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("segicl evaluate: --checkpoints is for --loo (use --checkpoint for one model)")
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
-    argv = sys.argv[1:] if sys.argv and Path(sys.argv[0]).name in ("segicl", "__main__.py") else None
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,
@@ -118,7 +116,7 @@ def main(args: argparse.Namespace) -> int:
         limit=args.limit,
         config=load_eval_config(args.config),
         config_path=str(args.config) if args.config else None,
-        command="segicl " + shlex.join(argv) if argv else "segicl evaluate " + _describe(args),
+        command="segicl evaluate " + _describe(args),
         progress=not args.no_progress,
     )
     try:
@@ -134,7 +132,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> str:
-    """A command line equivalent to ``args`` (when the process was not started as ``segicl``)."""
+    """The command line equivalent to ``args`` (canonical, whatever process parsed them; run.json has argv too)."""
     parts: list[str] = []
     for d in args.data:
         parts += ["--data", str(d)]

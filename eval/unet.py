@@ -13,7 +13,8 @@ the stored resolution, so metrics are taken at the mask's own resolution like ev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 
 import numpy as np
@@ -38,6 +39,7 @@ class UNetConfig:
     weight_decay: float = 1e-4
     hflip: bool = True  # random horizontal flips as augmentation
     max_train_items: int | None = None  # cap on training images (None: all given)
+    threads: int | None = 1  # torch intra-op threads while training/predicting (None: leave as is)
 
     @classmethod
     def from_dict(cls, cfg: dict | None) -> UNetConfig:
@@ -56,6 +58,25 @@ class UNetConfig:
         if out.size <= 0 or out.steps < 0 or out.batch_size <= 0:
             raise ValueError(f"size and batch_size must be positive and steps >= 0, got {out}")
         return out
+
+
+@contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch intra-op threads, then restore the previous number.
+
+    Small U-Nets are much faster on one thread: with several, each tiny op pays for thread
+    synchronisation, and on a busy shared CPU that cost dominates (measured 3.5 ms vs 270 ms per
+    step of the tiny test U-Net on 2 loaded cores).
+    """
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def build_unet(cfg: UNetConfig) -> torch.nn.Module:
@@ -78,6 +99,7 @@ class UNetSegmenter:
 
     net: torch.nn.Module
     size: int
+    threads: int | None = 1
     train_items: int = 0
     losses: list[float] = field(default_factory=list)
 
@@ -86,7 +108,8 @@ class UNetSegmenter:
         """Foreground probability (H, W) float32 in [0, 1] at the stored resolution of ``image``."""
         self.net.eval()
         x = image_to_tensor(image, self.size)[None]  # (1, 3, S, S)
-        prob = torch.sigmoid(self.net(x))[0, 0]  # (S, S)
+        with torch_threads(self.threads):
+            prob = torch.sigmoid(self.net(x))[0, 0]  # (S, S)
         return np.clip(resize_prob(prob, (image.height, image.width)), 0.0, 1.0)
 
 
@@ -110,8 +133,6 @@ def train_unet(samples: Sequence[Sample], cfg: UNetConfig, seed: int) -> UNetSeg
     Returns:
         The trained :class:`UNetSegmenter` (in eval mode), with the per-step losses.
     """
-    from monai.losses import DiceCELoss
-
     if not samples:
         raise ValueError("a U-Net needs at least one training sample")
     samples = list(samples)
@@ -123,12 +144,22 @@ def train_unet(samples: Sequence[Sample], cfg: UNetConfig, seed: int) -> UNetSeg
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         net = build_unet(cfg)
+    with torch_threads(cfg.threads):
+        losses = _fit(net, x_all, y_all, cfg, gen)
+    return UNetSegmenter(net=net, size=cfg.size, threads=cfg.threads, train_items=len(samples), losses=losses)
+
+
+def _fit(net: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: UNetConfig,
+         gen: torch.Generator) -> list[float]:
+    """The training loop: AdamW + cosine decay on Dice + BCE (MONAI DiceCELoss, batch Dice)."""
+    from monai.losses import DiceCELoss
+
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.steps, 1))
     loss_fn = DiceCELoss(sigmoid=True, batch=True)
     losses: list[float] = []
     net.train()
-    n = len(samples)
+    n = len(x_all)
     for _ in range(cfg.steps):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)  # with replacement: k=1 works too
         x, y = x_all[idx], y_all[idx]
@@ -143,4 +174,4 @@ def train_unet(samples: Sequence[Sample], cfg: UNetConfig, seed: int) -> UNetSeg
         sched.step()
         losses.append(float(loss.detach()))
     net.eval()
-    return UNetSegmenter(net=net, size=cfg.size, train_items=n, losses=losses)
+    return losses
