@@ -310,3 +310,15 @@ def test_deep_copy_keeps_dense_adapters_working():
         assert torch.allclose(model(x, **tok), clone(x, **tok), atol=1e-6)
         clone.net.adapters.vision_dense[0][0].fc2.bias.add_(1.0)
         assert not torch.allclose(model(x, **tok), clone(x, **tok), atol=1e-6)
+
+
+@pytest.mark.parametrize("model_name, mode", [("clipseg", "maple"), ("biomedclipseg", "adapter_dense_vlc"), ("cris", "cocoop")])
+def test_bf16_autocast_forward_backward(model_name, mode):
+    """Mixed precision (the GPU recipe of seeds 002/003) works: masks follow the autocast dtype."""
+    model = tiny(model_name, mode)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    tok = model.tokenize(["polyp", "two small polyps"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = dice_bce_loss(model(x, **tok), (x[:, :1] > 0).float())
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in model.trainable_parameters())

@@ -271,3 +271,79 @@ def build_vlsm_task(
         val_items, data.get("val_prompt_level", "p1"), int(train.get("batch_size", 8)), (task.dice_weight, task.bce_weight)
     )
     return task, train_set, val_fn
+
+
+def fit(
+    config: dict, data_dirs: Sequence[str | Path], exclude: Sequence[str] = (), steps: int = 200,
+    out: str | Path | None = None, log_every: int = 50,
+) -> dict[str, float]:
+    """A minimal single-process loop (smoke runs, the numbers in docs/vlsm.md); the project's
+    accelerate loop (training/loop.py) is the real one. Returns validation Dice before and after."""
+    import time
+
+    from torch.utils.data import DataLoader
+
+    task, train_set, val_fn = build_vlsm_task(config, data_dirs, exclude)
+    opt, plateau = task.configure_optimizers()
+    train = task.train_config
+    loader = DataLoader(train_set, batch_size=int(train.get("batch_size", 8)), shuffle=True,
+                        generator=torch.Generator().manual_seed(int(config.get("seed", 0))))
+    before = val_fn(task)["dice"]
+    t0, step, epoch = time.perf_counter(), 0, 0
+    task.train()
+    while step < steps:
+        train_set.set_epoch(epoch)
+        for batch in loader:
+            loss = task(batch)["loss"]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if log_every and step % log_every == 0:
+                print(f"step {step} loss {loss.item():.4f}", flush=True)
+            if step >= steps:
+                break
+        epoch += 1
+        if step < steps:
+            plateau.step(val_fn(task)["dice"])
+    seconds = time.perf_counter() - t0
+    after = val_fn(task)
+    if out is not None:
+        task.save_pretrained(out)
+    return {"val_dice_before": before, "val_dice_after": after["dice"], "steps": step, "seconds": seconds,
+            "trainable_params": sum(p.numel() for p in task.trainable_parameters())}
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m training.vlsm_task", description="Smoke-train one VLSM baseline.")
+    p.add_argument("--model", required=True)
+    p.add_argument("--mode", required=True)
+    p.add_argument("--config", required=True, type=Path)
+    p.add_argument("--data", nargs="+", required=True, type=Path, help="dataset folders or roots")
+    p.add_argument("--exclude", nargs="*", default=[])
+    p.add_argument("--datasets", nargs="*", default=None, help="restrict to these dataset names")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(args) -> dict[str, float]:
+    from segicl.vlsm.registry import load_config
+
+    cfg = load_config(args.config)
+    cfg.update(model=args.model, mode=args.mode)
+    cfg.setdefault("data", {})
+    if args.datasets:
+        cfg["data"]["datasets"] = args.datasets
+    if args.max_train_samples is not None:
+        cfg["data"]["max_train_samples"] = args.max_train_samples
+    result = fit(cfg, args.data, args.exclude, args.steps, args.out)
+    print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
+    return result
+
+
+if __name__ == "__main__":
+    main(parse_args())

@@ -35,6 +35,17 @@ DECODER_DEFAULTS = {
     "decoder_intermediate_size": 2048,
     "use_complex_transposed_convolution": True,
 }
+# BiomedCLIP-PubMedBERT_256-vit_base_patch16_224's architecture (open_clip_config.json + PubMedBERT base),
+# for parameter counts without weights.
+BIOMEDCLIP_ARCH = {
+    "embed_dim": 512,
+    "vision": {"model_name": "vit_base_patch16_224", "image_size": 224, "trunk_kwargs": {}},
+    "text": {
+        "bert": {"vocab_size": 30522, "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                 "intermediate_size": 3072, "max_position_embeddings": 512, "type_vocab_size": 2},
+        "proj_type": "mlp", "pooler_type": "cls_last_hidden_state_pooler", "context_length": 256,
+    },
+}
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin", "model.safetensors", "pytorch_model.bin")
 
 

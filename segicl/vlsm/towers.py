@@ -350,7 +350,11 @@ def encode_text(
     if x.shape[1] > tower.max_length:
         raise ValueError(f"text of {x.shape[1]} tokens (with {n} context vectors) exceeds the tower's {tower.max_length}")
     x = tower.embed_positions(x)
-    mask = tower.block_mask(attention_mask, x.dtype)
+    # Under autocast the attention runs in the autocast dtype: build the additive mask in it too
+    # (SDPA rejects a float32 mask with bf16 queries).
+    dev = x.device.type
+    mask_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    mask = tower.block_mask(attention_mask, mask_dtype)
     hidden = []
     for i in range(tower.num_layers):
         if prompts is not None and 0 < i < len(prompts):
