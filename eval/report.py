@@ -216,6 +216,25 @@ def markdown_table(summary: Sequence[dict], nsd_tolerance: float | None = None, 
     return "\n".join(lines) + "\n" + note
 
 
+def dataset_markdown(summary: Sequence[dict]) -> str:
+    """Paper-style pivot: one row per (method, k, supports), one Dice column per dataset, and their mean.
+
+    A dataset's cell is the mean Dice over its labels (:func:`dataset_dice`).
+    """
+    by = dataset_dice(summary)
+    datasets = list(dict.fromkeys(d for d, *_ in by))
+    configs = list(dict.fromkeys((m, k, p) for _, m, k, p in by))
+    head = ["method", "k", "supports", *datasets, "mean"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for m, k, p in configs:
+        vals = [by.get((d, m, k, p), math.nan) for d in datasets]
+        mean = float(np.mean(vals)) if all(math.isfinite(v) for v in vals) else math.nan
+        cells = [m, k if k != "" else "–", p, *[f"{v:.3f}" if math.isfinite(v) else "–" for v in vals],
+                 f"{mean:.3f}" if math.isfinite(mean) else "–"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def loo_markdown(rows: Sequence[dict]) -> str:
     """Markdown of :func:`loo_summary`."""
     head = ["method", "k", "supports", "held-out datasets", "mean Dice", "min", "max", "per dataset"]

@@ -493,6 +493,8 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
     summary = report.summarize(runner.rows, resamples, confidence, int(bcfg.get("seed", 0)))
     paths = {"results": out / "results.csv", "summary": report.write_csv(summary, out / "summary.csv", report.SUMMARY_COLUMNS)}
     md = [f"# SegICL evaluation ({cfg.split} split)\n", f"`{cfg.command}`\n" if cfg.command else "",
+          "## Dice per dataset (mean over labels)\n", report.dataset_markdown(summary),
+          "\n## Per label: mean ± std [bootstrap interval]\n",
           report.markdown_table(summary, runner.nsd_tolerance, confidence)]
     if cfg.checkpoints is not None:
         loo = report.loo_summary(summary)

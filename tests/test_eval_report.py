@@ -116,3 +116,16 @@ def test_find_loo_checkpoint(tmp_path) -> None:
     (tmp_path / "run_19" / "config.json").write_text(json.dumps({"exclude": "acdc_cardiac_mri"}))
     with pytest.raises(FileNotFoundError, match="2 checkpoints"):
         find_loo_checkpoint(tmp_path, "acdc_cardiac_mri")
+
+
+def test_dataset_pivot_table() -> None:
+    summary = [
+        {"dataset": "A", "label": "x", "method": "segicl", "k": 1, "supports": "random", "dice_mean": 0.5},
+        {"dataset": "B", "label": "y", "method": "segicl", "k": 1, "supports": "random", "dice_mean": 0.6},
+        {"dataset": "B", "label": "z", "method": "segicl", "k": 1, "supports": "random", "dice_mean": 0.8},
+        {"dataset": "A", "label": "x", "method": "unet_supervised", "k": "", "supports": "train", "dice_mean": 0.9},
+    ]
+    lines = report.dataset_markdown(summary).splitlines()
+    assert lines[0] == "| method | k | supports | A | B | mean |"
+    assert lines[2] == "| segicl | 1 | random | 0.500 | 0.700 | 0.600 |"
+    assert lines[3] == "| unet_supervised | – | train | 0.900 | – | – |"  # not run on B: no mean
