@@ -326,6 +326,7 @@ def parse_args(argv: Sequence[str] | None = None):
     p.add_argument("--datasets", nargs="*", default=None, help="restrict to these dataset names")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None, help="override the config's learning rate for this mode")
     p.add_argument("--out", type=Path, default=None)
     return p.parse_args(argv)
 
@@ -340,6 +341,9 @@ def main(args) -> dict[str, float]:
         cfg["data"]["datasets"] = args.datasets
     if args.max_train_samples is not None:
         cfg["data"]["max_train_samples"] = args.max_train_samples
+    if args.lr is not None:
+        cfg.setdefault("train", {})["lr"] = args.lr
+        cfg["train"].pop("lr_by_mode", None)
     result = fit(cfg, args.data, args.exclude, args.steps, args.out)
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()})
     return result
