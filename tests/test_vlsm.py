@@ -322,3 +322,14 @@ def test_bf16_autocast_forward_backward(model_name, mode):
         loss = dice_bce_loss(model(x, **tok), (x[:, :1] > 0).float())
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.trainable_parameters())
+
+
+def test_seeded_build_is_reproducible_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = tiny("cris", "coop")
+    assert torch.equal(torch.rand(3), expected)
+    b = tiny("cris", "coop")
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n

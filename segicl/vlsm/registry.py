@@ -14,6 +14,7 @@ needed to reload), ``model.safetensors`` (all weights) and ``tokenizer/``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -103,11 +104,14 @@ def build_vlsm(model: str, mode: str, config: dict | str | Path | None = None) -
             if "$" in value:
                 raise ValueError(f"config key {key!r}: environment variable in {cfg[key]!r} is not set")
             cfg[key] = value
-    if cfg.get("seed") is not None:
-        torch.manual_seed(int(cfg["seed"]))
-    net, tokenizer, arch = builders[model](cfg)
-    check_mode(mode, net.has_vit)
-    net.setup_mode(mode, cfg, tokenizer)
+    seed = cfg.get("seed")
+    # Seed the random initialisation without touching the caller's global RNG state.
+    with torch.random.fork_rng(devices=[]) if seed is not None else contextlib.nullcontext():
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        net, tokenizer, arch = builders[model](cfg)
+        check_mode(mode, net.has_vit)
+        net.setup_mode(mode, cfg, tokenizer)
     saved = {k: v for k, v in cfg.items() if k not in _SOURCE_KEYS}
     saved["arch"] = arch
     return VLSMModel(net, tokenizer, model, mode, saved)
