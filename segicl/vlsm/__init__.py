@@ -3,7 +3,7 @@
 Public API::
 
     from segicl.vlsm import build_vlsm, load_vlsm
-    model = build_vlsm("clipseg", "vpt", "configs/vlsm/tiny.yaml")   # or a dict
+    model = build_vlsm("clipseg", "vpt", "configs/vlsm/clipseg_tiny.yaml")  # or a dict
     model.save_pretrained("runs/clipseg_vpt")
     probs = load_vlsm("runs/clipseg_vpt").predict(images, texts)     # list of (H, W) float arrays
 
