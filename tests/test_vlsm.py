@@ -82,7 +82,8 @@ def test_model_mode_trains_exactly_its_parameters(model_name, mode, batch):
     frozen_before = {} if mode == "e2e" else {
         n: t.detach().clone() for n, t in model.state_dict().items() if not n.startswith(prefixes)
     }
-    opt = torch.optim.Adam(model.trainable_parameters(), lr=5e-3)
+    # Whole-model Adam at 5e-3 oscillates on CRIS (BatchNorm over a batch of 2); e2e takes a smaller step.
+    opt = torch.optim.Adam(model.trainable_parameters(), lr=1e-3 if mode == "e2e" else 5e-3)
     model.train()
     losses = []
     for step in range(6):

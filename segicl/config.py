@@ -1,0 +1,197 @@
+"""SegICL model configuration and presets.
+
+A :class:`SegICLConfig` describes every part of the model (vision tower, language model, condition
+encoder, diffusion decoder, scheduler, sampling defaults). Presets are data: JSON files in
+``configs/model/<name>.json`` (``tiny``, ``small``, ``paper``), loaded with :func:`load_preset`.
+A saved pipeline carries its own config.json, so inference never needs the preset files.
+
+Fields that point at local weights (``vision.pretrained``, ``lm.pretrained``,
+``decoder.pretrained``) are only used by the paper preset; tiny and small are random-init models that
+train from scratch on CPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from segicl import CONFIGS_DIR
+
+PRESET_DIRS = (CONFIGS_DIR / "model",)
+
+
+@dataclass
+class VisionConfig:
+    """open_clip ViT vision tower (``CLIPVisionCfg`` fields) or a local open_clip model."""
+
+    width: int = 128
+    layers: int = 4
+    heads: int = 4
+    patch_size: int = 8
+    mlp_ratio: float = 4.0
+    embed_dim: int = 128  # pooled embedding (used for retrieval)
+    pool_to: int = 4  # patch grid average-pooled to pool_to x pool_to tokens per image in the LM
+    model_name: str | None = None  # open_clip model name for real weights, e.g. "ViT-bigG-14"
+    pretrained: str | None = None  # local checkpoint file / directory for model_name
+
+
+@dataclass
+class LMConfig:
+    """transformers Qwen2 configuration (random init) or a local Qwen2 checkpoint directory."""
+
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 688
+    max_position_embeddings: int = 1024
+    rope_theta: float = 10000.0
+    pretrained: str | None = None  # local Qwen2 directory (paper preset)
+    tokenizer: str = "bytes"  # "bytes" (shipped byte-level tokenizer) or "hf:<local dir>"
+    max_text_tokens: int = 64
+    lora: dict[str, Any] | None = None  # peft LoraConfig kwargs for stage 2 (paper preset)
+
+
+@dataclass
+class ConditionConfig:
+    """The condition encoder ("shared teacher"): a 4-layer MLP over mask patches."""
+
+    patch_size: int = 8  # N = (mask_size / patch_size) ** 2 tokens
+    dim: int = 64  # d_c, width of each condition token
+    hidden: int = 256
+    layers: int = 4
+
+
+@dataclass
+class DecoderConfig:
+    """diffusers UNet2DConditionModel + ControlNetModel over the mask (pixel space or a VAE latent)."""
+
+    space: str = "pixel"  # "pixel" or "latent" (AutoencoderKL)
+    unshuffle: int = 2  # pixel space: mask space-to-depth factor (1 = plain 1-channel mask)
+    block_out_channels: tuple[int, ...] = (32, 64, 128)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    norm_num_groups: int = 16
+    hint_channels: tuple[int, ...] = (16, 32)  # ControlNet hint embedding; len-1 stride-2 downsamples
+    vae_block_out_channels: tuple[int, ...] = (32, 64)
+    latent_channels: int = 4
+    pretrained: str | None = None  # local Stable Diffusion directory (unet/, vae/) for the paper preset
+    cond_dropout: float = 0.1  # stage 1: drop C (null condition) with this probability
+    cond_noise: float = 0.2  # stage 1: Gaussian noise on C (x its RMS): makes the decoder read the image
+
+
+@dataclass
+class SchedulerConfig:
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    prediction_type: str = "sample"  # "epsilon" (paper eq. 6), "sample" or "v_prediction"
+    sampler: str = "ddim"  # "ddim" or "dpm" (DPMSolverMultistepScheduler)
+    num_inference_steps: int = 10
+    num_samples: int = 1
+
+
+@dataclass
+class SegICLConfig:
+    name: str = "tiny"
+    image_size: int = 64
+    mask_size: int = 64
+    k_max: int = 5
+    threshold: float = 0.5
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    condition: ConditionConfig = field(default_factory=ConditionConfig)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_condition_tokens(self) -> int:
+        return (self.mask_size // self.condition.patch_size) ** 2
+
+    def validate(self) -> SegICLConfig:
+        if self.mask_size % self.condition.patch_size:
+            raise ValueError(f"mask_size {self.mask_size} is not a multiple of condition.patch_size {self.condition.patch_size}")
+        if self.image_size % self.vision.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of vision.patch_size {self.vision.patch_size}")
+        grid = self.image_size // self.vision.patch_size
+        if grid % self.vision.pool_to:
+            raise ValueError(f"vision patch grid {grid} is not divisible by vision.pool_to {self.vision.pool_to}")
+        if self.decoder.space not in ("pixel", "latent"):
+            raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
+        if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"unknown scheduler.prediction_type {self.scheduler.prediction_type!r}")
+        if self.scheduler.sampler not in ("ddim", "dpm"):
+            raise ValueError(f"scheduler.sampler must be 'ddim' or 'dpm', not {self.scheduler.sampler!r}")
+        if self.decoder.space == "pixel" and self.mask_size % self.decoder.unshuffle:
+            raise ValueError("mask_size must be a multiple of decoder.unshuffle")
+        return self
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SegICLConfig:
+        d = copy.deepcopy(dict(d))
+        parts = {"vision": VisionConfig, "lm": LMConfig, "condition": ConditionConfig, "decoder": DecoderConfig,
+                 "scheduler": SchedulerConfig}
+        kwargs: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown SegICL config keys {sorted(unknown)}")
+        for key, value in d.items():
+            if key in parts:
+                sub = parts[key]
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                bad = set(value) - sub_known
+                if bad:
+                    raise ValueError(f"unknown keys {sorted(bad)} in SegICL config section {key!r}")
+                value = {k: tuple(v) if isinstance(v, list) else v for k, v in value.items()}
+                kwargs[key] = sub(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> SegICLConfig:
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no SegICL config.json here") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(data)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{path}: {e}") from None
+
+
+def preset_names() -> list[str]:
+    names = set()
+    for d in PRESET_DIRS:
+        if d.is_dir():
+            names |= {p.stem for p in d.glob("*.json")}
+    return sorted(names)
+
+
+def load_preset(name: str, **overrides: Any) -> SegICLConfig:
+    """The preset ``name`` (configs/model/<name>.json), with top-level ``overrides``."""
+    for d in PRESET_DIRS:
+        path = d / f"{name}.json"
+        if path.is_file():
+            cfg = SegICLConfig.load(path)
+            if overrides:
+                cfg = SegICLConfig.from_dict({**cfg.to_dict(), **overrides})
+            return cfg
+    raise ValueError(f"unknown model preset {name!r}; available: {preset_names()}")

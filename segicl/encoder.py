@@ -1,0 +1,223 @@
+"""The multimodal encoder (paper section 3.1): interleaved text, support pairs and query -> S.
+
+* Vision: an open_clip ``VisionTransformer`` (tiny config built locally with random weights, or a
+  named open_clip model with a local checkpoint for the paper preset) returns patch tokens; the
+  patch grid is average-pooled to ``pool_to x pool_to`` tokens and an MLP projector maps them into
+  the LM width. Its pooled embedding doubles as the retrieval embedding (:meth:`embed_images`).
+* Masks: the frozen condition encoder's tokens C of each support mask, pooled to the same grid, go
+  through a second MLP projector (the supports speak the same "language" the decoder reads).
+* Text: :class:`ByteTokenizer` (UTF-8 bytes + 3 specials; ships with the code, needs no download,
+  keeps the tiny LM's embedding table at 259 rows instead of ~50k) or a local Hugging Face tokenizer
+  (``lm.tokenizer = "hf:<dir>"``, paper preset: the Qwen2 tokenizer).
+* transformers ``Qwen2Model`` reads
+  ``[text] <img> img_1 <mask> mask_1 ... <img> img_k <mask> mask_k <query> query <slots> q_1 .. q_N``
+  (``<...>`` are learned marker embeddings, q_i learned query slots), left-padded so every item's
+  slots are the last N positions; any k in 0..K_max per item within one batch. A projector maps the
+  hidden states at the slots to the predicted condition tokens S (N x d_c), layer-normalised like C.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import Qwen2Config, Qwen2Model
+
+from segicl.config import SegICLConfig
+
+MARKERS = {"image": 0, "mask": 1, "query": 2, "slots": 3}
+
+
+class ByteTokenizer:
+    """UTF-8 byte tokenizer: ids 0 = pad, 1 = bos, 2 = eos, 3 + b for byte b (vocab 259)."""
+
+    pad_id, bos_id, eos_id, offset = 0, 1, 2, 3
+    vocab_size = 259
+    name = "bytes"
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        ids = [self.bos_id] + [self.offset + b for b in text.encode("utf-8")][: max_len - 2] + [self.eos_id]
+        return ids
+
+    def decode(self, ids: list[int]) -> str:
+        return bytes(i - self.offset for i in ids if i >= self.offset).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A local Hugging Face tokenizer directory (e.g. the Qwen2 one next to its weights)."""
+
+    def __init__(self, path: str):
+        from transformers import AutoTokenizer
+
+        if not Path(path).is_dir():
+            raise FileNotFoundError(f"{path}: tokenizer directory not found")
+        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.vocab_size = len(self.tok)
+        self.name = f"hf:{path}"
+
+    def encode(self, text: str, max_len: int) -> list[int]:
+        return self.tok(text, truncation=True, max_length=max_len)["input_ids"]
+
+
+def build_tokenizer(spec: str):
+    if spec == "bytes":
+        return ByteTokenizer()
+    if spec.startswith("hf:"):
+        return HFTokenizer(spec[3:])
+    raise ValueError(f"unknown tokenizer {spec!r}; use 'bytes' or 'hf:<local dir>'")
+
+
+def build_vision_tower(cfg: SegICLConfig) -> nn.Module:
+    """open_clip vision tower returning (pooled, tokens)."""
+    import open_clip
+    from open_clip.model import CLIPVisionCfg, _build_vision_tower
+
+    v = cfg.vision
+    if v.model_name:
+        if not v.pretrained or not Path(v.pretrained).exists():
+            raise FileNotFoundError(f"vision.pretrained {v.pretrained!r}: local open_clip checkpoint not found")
+        model = open_clip.create_model(v.model_name, pretrained=v.pretrained)
+        visual = model.visual
+        visual.output_tokens = True
+        return visual
+    vcfg = CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio,
+                         patch_size=v.patch_size, image_size=cfg.image_size, output_tokens=True)
+    return _build_vision_tower(v.embed_dim, vcfg)
+
+
+def build_lm(cfg: SegICLConfig, vocab_size: int) -> Qwen2Model:
+    lm = cfg.lm
+    if lm.pretrained:
+        if not Path(lm.pretrained).is_dir():
+            raise FileNotFoundError(f"lm.pretrained {lm.pretrained!r}: local Qwen2 directory not found")
+        return Qwen2Model.from_pretrained(lm.pretrained, local_files_only=True)
+    qcfg = Qwen2Config(
+        vocab_size=vocab_size, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_hidden_layers,
+        num_attention_heads=lm.num_attention_heads, num_key_value_heads=lm.num_key_value_heads,
+        intermediate_size=lm.intermediate_size, max_position_embeddings=lm.max_position_embeddings,
+        rope_theta=lm.rope_theta, tie_word_embeddings=False, use_cache=False,
+    )
+    return Qwen2Model(qcfg)
+
+
+def _mlp(d_in: int, d_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+
+
+# ImageNet-style CLIP normalisation of [-1, 1] inputs
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class MultimodalEncoder(nn.Module):
+    def __init__(self, cfg: SegICLConfig, vision: nn.Module | None = None, lm: Qwen2Model | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = build_tokenizer(cfg.lm.tokenizer)
+        self.vision = vision if vision is not None else build_vision_tower(cfg)
+        self.lm = lm if lm is not None else build_lm(cfg, self.tokenizer.vocab_size)
+        h = self.lm.config.hidden_size
+        width = self._vision_width()
+        self.image_proj = _mlp(width, h)
+        self.mask_proj = _mlp(cfg.condition.dim, h)
+        self.markers = nn.Embedding(len(MARKERS), h)
+        self.slots = nn.Parameter(torch.randn(1, cfg.num_condition_tokens, h) * 0.02)
+        self.out_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, cfg.condition.dim))
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
+
+    def _vision_width(self) -> int:
+        with torch.no_grad():
+            s = self.cfg.image_size
+            _, tokens = self.vision(torch.zeros(1, 3, s, s))
+        return tokens.shape[-1]
+
+    # ------------------------------------------------------------------ vision
+    def _normalise(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images + 1) / 2 - self.clip_mean) / self.clip_std
+
+    def vision_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, 3, S, S) in [-1, 1] -> pooled (n, embed_dim), pooled patch tokens (n, pool_to^2, width)."""
+        pooled, tokens = self.vision(self._normalise(images))
+        n, t, w = tokens.shape
+        g = int(round(t**0.5))
+        grid = tokens.transpose(1, 2).reshape(n, w, g, g)
+        p = self.cfg.vision.pool_to
+        return pooled, F.adaptive_avg_pool2d(grid, p).flatten(2).transpose(1, 2)
+
+    @torch.no_grad()
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalised pooled image embeddings (retrieval)."""
+        pooled, _ = self.vision(self._normalise(images))
+        return F.normalize(pooled.float(), dim=-1)
+
+    def mask_tokens(self, cond: torch.Tensor) -> torch.Tensor:
+        """Condition tokens (n, N, d_c) -> pooled (n, pool_to^2, d_c)."""
+        n, t, d = cond.shape
+        g = int(round(t**0.5))
+        grid = cond.transpose(1, 2).reshape(n, d, g, g)
+        return F.adaptive_avg_pool2d(grid, self.cfg.vision.pool_to).flatten(2).transpose(1, 2)
+
+    # ------------------------------------------------------------------ text
+    def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
+        return [torch.tensor(self.tokenizer.encode(t or "", self.cfg.lm.max_text_tokens), dtype=torch.long) for t in texts]
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, texts: list[str], query_images: torch.Tensor, support_images: torch.Tensor | None = None,
+                support_cond: torch.Tensor | None = None, num_supports: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+        """Predict condition tokens S.
+
+        Args:
+            texts: B instructions.
+            query_images: (B, 3, S, S) in [-1, 1].
+            support_images: (B, K, 3, S, S), padded beyond each item's k.
+            support_cond: (B, K, N, d_c) condition-encoder tokens of the support masks.
+            num_supports: (B,) k per item (0..K); None means all K.
+
+        Returns:
+            S: (B, N, d_c).
+        """
+        b = query_images.shape[0]
+        if len(texts) != b:
+            raise ValueError(f"{len(texts)} texts for {b} query images")
+        dev = query_images.device
+        if support_images is None or support_images.shape[1] == 0:
+            ks = [0] * b
+        else:
+            K = support_images.shape[1]
+            ks = [K] * b if num_supports is None else [int(k) for k in num_supports]
+            if any(k < 0 or k > K for k in ks):
+                raise ValueError(f"num_supports {ks} outside 0..{K}")
+        emb = self.lm.get_input_embeddings()
+        # one vision pass over every query and real support image
+        imgs = [query_images] + [support_images[i, : ks[i]] for i in range(b) if ks[i]]
+        _, vis = self.vision_tokens(torch.cat(imgs))
+        vis = self.image_proj(vis)
+        q_tok, s_tok = vis[:b], vis[b:]
+        if sum(ks):
+            conds = torch.cat([support_cond[i, : ks[i]] for i in range(b) if ks[i]])
+            m_tok = self.mask_proj(self.mask_tokens(conds.to(vis.dtype)))
+        mk = self.markers.weight
+        seqs = []
+        j = 0
+        for i, ids in enumerate(self.tokenize(texts)):
+            parts = [emb(ids.to(dev))]
+            for _ in range(ks[i]):
+                parts += [mk[0:1], s_tok[j], mk[1:2], m_tok[j]]
+                j += 1
+            parts += [mk[2:3], q_tok[i], mk[3:4], self.slots[0]]
+            seqs.append(torch.cat(parts))
+        length = max(s.shape[0] for s in seqs)
+        h = seqs[0].shape[-1]
+        x = torch.zeros(b, length, h, dtype=seqs[0].dtype, device=dev)
+        attn = torch.zeros(b, length, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):  # left padding: the slots are the last N positions of every item
+            x[i, length - s.shape[0]:] = s
+            attn[i, length - s.shape[0]:] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        out = self.lm(inputs_embeds=x, attention_mask=attn, position_ids=pos).last_hidden_state
+        n = self.cfg.num_condition_tokens
+        s_pred = self.out_proj(out[:, -n:])
+        return F.layer_norm(s_pred, (s_pred.shape[-1],))

@@ -1,0 +1,306 @@
+"""SegICLPipeline: instruction + support pairs + query images -> masks, probabilities, uncertainty.
+
+    pipe = SegICLPipeline.from_pretrained("segicl/checkpoints/tiny")   # or default_checkpoint()
+    out = pipe(images=[query], text=["Segment the breast lesion in this ultrasound image."],
+               supports=[[(img_1, mask_1), (img_2, mask_2)]], num_inference_steps=10, num_samples=4,
+               generator=torch.Generator().manual_seed(0))
+    out.masks[0]          # bool (H, W) at the query's original resolution
+    out.probabilities[0]  # float32 (H, W): mean of the samples
+    out.uncertainty[0]    # float32 (H, W): per-pixel std of the samples (0 with one sample)
+
+A saved pipeline is a directory: ``config.json`` (:class:`SegICLConfig`), ``decoder_structure.json``
+(the diffusers configs of UNet / ControlNet / VAE), ``scheduler_config.json`` and one safetensors file
+per part (``encoder``, ``condition_encoder``, ``decoder``), plus ``manifest.json`` with sha256 of
+every file. It is written to a temporary sibling directory and renamed into place, so an
+interrupted save never leaves a half-written checkpoint; loading verifies the checksums and loads only
+safetensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from segicl import PACKAGE_DIR
+from segicl.condition_encoder import ConditionEncoder
+from segicl.config import SegICLConfig, load_preset
+from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
+from segicl.decoder import MaskDecoder, build_scheduler
+from segicl.encoder import MultimodalEncoder
+
+DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
+PARTS = ("encoder", "condition_encoder", "decoder")
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint that ships inside the package (the default ``--checkpoint`` of every command)."""
+    if not (DEFAULT_CHECKPOINT / "config.json").is_file():
+        raise FileNotFoundError(f"{DEFAULT_CHECKPOINT}: the shipped checkpoint is missing (pass --checkpoint DIR)")
+    return DEFAULT_CHECKPOINT
+
+
+@dataclass
+class SegICLOutput:
+    masks: list[np.ndarray]
+    probabilities: list[np.ndarray]
+    uncertainty: list[np.ndarray]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _as_image(x: Any, what: str) -> Image.Image:
+    if isinstance(x, Image.Image):
+        return x
+    if isinstance(x, (str, Path)):
+        from segicl.data.dataset import open_image
+
+        return open_image(Path(x))
+    if isinstance(x, np.ndarray):
+        if x.ndim == 2 or (x.ndim == 3 and x.shape[-1] in (1, 3)):
+            arr = x if x.dtype == np.uint8 else np.clip(x, 0, 255).astype(np.uint8)
+            return Image.fromarray(arr.squeeze(-1) if arr.ndim == 3 and arr.shape[-1] == 1 else arr)
+    raise TypeError(f"{what}: expected a PIL image, a path or an (H, W[, 3]) array, got {type(x).__name__}")
+
+
+def _as_mask(x: Any, what: str) -> np.ndarray:
+    if isinstance(x, Image.Image):
+        x = np.asarray(x)
+    if isinstance(x, (str, Path)):
+        x = np.asarray(Image.open(x))
+    x = np.asarray(x)
+    if x.ndim == 3:
+        x = x[..., 0]
+    if x.ndim != 2:
+        raise ValueError(f"{what}: a mask must be 2-D, got shape {x.shape}")
+    return x > 0
+
+
+class SegICLPipeline:
+    """The full model; a plain container (not an nn.Module) around the three trainable parts."""
+
+    def __init__(self, encoder: MultimodalEncoder, condition_encoder: ConditionEncoder, decoder: MaskDecoder,
+                 scheduler: Any = None, config: SegICLConfig | None = None):
+        self.config = config or encoder.cfg
+        self.encoder = encoder
+        self.condition_encoder = condition_encoder
+        self.decoder = decoder
+        self.scheduler = scheduler if scheduler is not None else build_scheduler(self.config)
+        self.device = torch.device("cpu")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_config(cls, cfg: SegICLConfig, seed: int = 0) -> SegICLPipeline:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            condition_encoder = ConditionEncoder.from_config(cfg)
+            decoder = MaskDecoder.from_config(cfg)
+            encoder = MultimodalEncoder(cfg)
+        pipe = cls(encoder, condition_encoder, decoder, build_scheduler(cfg), cfg)
+        pipe.eval()
+        return pipe
+
+    @classmethod
+    def from_preset(cls, name: str = "tiny", seed: int = 0, **overrides: Any) -> SegICLPipeline:
+        """Random weights of a preset (configs/model/<name>.json)."""
+        return cls.from_config(load_preset(name, **overrides), seed=seed)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"encoder": self.encoder, "condition_encoder": self.condition_encoder, "decoder": self.decoder}
+
+    def to(self, device: str | torch.device) -> SegICLPipeline:
+        self.device = torch.device(device)
+        for m in self.modules().values():
+            m.to(self.device)
+        return self
+
+    def eval(self) -> SegICLPipeline:
+        for m in self.modules().values():
+            m.eval()
+        return self
+
+    def num_parameters(self) -> dict[str, int]:
+        return {k: sum(p.numel() for p in m.parameters()) for k, m in self.modules().items()}
+
+    # ------------------------------------------------------------------ save / load
+    def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
+        """Write the pipeline to ``path`` atomically (temp dir + rename); ``extra`` goes into manifest.json."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.config.save(tmp / "config.json")
+            (tmp / "decoder_structure.json").write_text(json.dumps(self.decoder.structure(), indent=2, default=list) + "\n")
+            self.scheduler.save_config(tmp)
+            for name, module in self.modules().items():
+                state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+                save_file(state, str(tmp / f"{name}.safetensors"))
+            files = sorted(p.name for p in tmp.iterdir())
+            manifest = {"format": "segicl-pipeline/1", "files": {f: _sha256(tmp / f) for f in files},
+                        "num_parameters": self.num_parameters(), **(extra or {})}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old-{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> SegICLPipeline:
+        path = Path(path)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: checkpoint directory not found")
+        manifest_path = path / "manifest.json"
+        if not manifest_path.is_file():
+            raise FileNotFoundError(f"{manifest_path}: missing (not a SegICL checkpoint, or an interrupted save)")
+        manifest = json.loads(manifest_path.read_text())
+        if verify:
+            for name, digest in manifest.get("files", {}).items():
+                f = path / name
+                if not f.is_file():
+                    raise FileNotFoundError(f"{f}: listed in manifest.json but missing")
+                if _sha256(f) != digest:
+                    raise ValueError(f"{f}: checksum does not match manifest.json (corrupted or modified file)")
+        cfg = SegICLConfig.load(path / "config.json")
+        structure = json.loads((path / "decoder_structure.json").read_text())
+        from diffusers import DDPMScheduler
+
+        scheduler = DDPMScheduler.from_pretrained(path)
+        # The architecture is rebuilt from the config (the paper preset needs its local model
+        # directories for that), then every weight comes from the checkpoint's safetensors.
+        condition_encoder = ConditionEncoder.from_config(cfg)
+        decoder = MaskDecoder.from_structure(structure, cfg)
+        encoder = MultimodalEncoder(cfg)
+        pipe = cls(encoder, condition_encoder, decoder, scheduler, cfg)
+        for name, module in pipe.modules().items():
+            f = path / f"{name}.safetensors"
+            try:
+                state = load_file(str(f))
+            except Exception as e:  # safetensors raises its own error types
+                raise ValueError(f"{f}: cannot read safetensors ({e})") from None
+            missing, unexpected = module.load_state_dict(state, strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{f}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return pipe.to(device).eval()
+
+    # ------------------------------------------------------------------ inference
+    def _images_tensor(self, images: Sequence[Any], what: str) -> torch.Tensor:
+        s = self.config.image_size
+        return torch.stack([image_to_tensor(_as_image(im, f"{what}[{i}]"), s) for i, im in enumerate(images)]).to(self.device)
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+        """(n, d) float32 L2-normalised embeddings of the vision tower (the retrieval embedder)."""
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = self._images_tensor(images[i : i + batch_size], "images")
+            out.append(self.encoder.embed_images(x).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.config.vision.embed_dim), np.float32)
+
+    @property
+    def embedder_id(self) -> str:
+        """Identifies the vision tower's weights: stores built with another tower refuse its queries."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.encoder.vision.state_dict().items()):
+            h.update(k.encode())
+            h.update(v.detach().cpu().float().numpy().tobytes())
+        return f"segicl-vision:{h.hexdigest()[:16]}"
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, texts: list[str], supports: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
+        """Model-resolution tensors -> predicted condition tokens S (B, N, d_c)."""
+        b = images.shape[0]
+        k = max((len(s) for s in supports), default=0)
+        s, m = self.config.image_size, self.config.mask_size
+        if k:
+            simg = torch.zeros(b, k, 3, s, s, device=self.device)
+            smask = torch.zeros(b, k, 1, m, m, device=self.device)
+            for i, sup in enumerate(supports):
+                for j, (im, mk) in enumerate(sup):
+                    simg[i, j], smask[i, j] = im, mk
+            cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
+            ks = [len(x) for x in supports]
+            return self.encoder(texts, images, simg, cond, ks)
+        return self.encoder(texts, images)
+
+    @torch.no_grad()
+    def __call__(self, images: Sequence[Any], text: str | Sequence[str | None] | None = None,
+                 supports: Sequence[Sequence[tuple[Any, Any]]] | None = None, num_inference_steps: int | None = None,
+                 num_samples: int | None = None, generator: torch.Generator | None = None, batch_size: int = 8,
+                 sampler: str | None = None) -> SegICLOutput:
+        """Segment ``images``.
+
+        Args:
+            images: query images (PIL, paths or arrays), any size.
+            text: one instruction for all, one per image, or None (empty instruction).
+            supports: per image, a list of (image, mask) pairs (k may differ per image; k <= K_max).
+            num_inference_steps / num_samples / sampler: defaults from the config.
+            generator: a CPU ``torch.Generator`` for the initial noise (deterministic under a seed).
+        """
+        images = list(images)
+        n = len(images)
+        if isinstance(text, str) or text is None:
+            texts = [text or ""] * n
+        else:
+            texts = [t or "" for t in text]
+        if len(texts) != n:
+            raise ValueError(f"{len(texts)} texts for {n} images")
+        supports = [list(s) for s in supports] if supports is not None else [[] for _ in range(n)]
+        if len(supports) != n:
+            raise ValueError(f"{len(supports)} support lists for {n} images")
+        kmax = self.config.k_max
+        for i, sup in enumerate(supports):
+            if len(sup) > kmax:
+                raise ValueError(f"image {i}: {len(sup)} supports, the model takes at most k_max={kmax}")
+        sc = self.config.scheduler
+        steps = num_inference_steps or sc.num_inference_steps
+        samples = num_samples or sc.num_samples
+        sampler = sampler or sc.sampler
+        pil = [_as_image(im, f"images[{i}]") for i, im in enumerate(images)]
+        masks, probs, uncs = [], [], []
+        for start in range(0, n, batch_size):
+            idx = range(start, min(n, start + batch_size))
+            x = torch.stack([image_to_tensor(pil[i], self.config.image_size) for i in idx]).to(self.device)
+            sup_t = []
+            for i in idx:
+                pairs = []
+                for j, (im, mk) in enumerate(supports[i]):
+                    what = f"supports[{i}][{j}]"
+                    pairs.append((image_to_tensor(_as_image(im, what), self.config.image_size).to(self.device),
+                                  mask_to_tensor(_as_mask(mk, what), self.config.mask_size).to(self.device)))
+                sup_t.append(pairs)
+            cond = self.encode(x, [texts[i] for i in idx], sup_t)
+            p = self.decoder.sample(x, cond, self.scheduler, steps, samples, sampler, generator)  # (b, S, M, M)
+            mean = p.mean(1).cpu().numpy()
+            std = p.std(1, unbiased=False).cpu().numpy()
+            for r, i in enumerate(idx):
+                hw = (pil[i].height, pil[i].width)
+                prob = resize_prob(mean[r], hw)
+                probs.append(prob)
+                uncs.append(resize_prob(std[r], hw))
+                masks.append(prob > self.config.threshold)
+        return SegICLOutput(masks, probs, uncs)
+
