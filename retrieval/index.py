@@ -88,6 +88,9 @@ def make_index(index_type: str, dim: int, train_vectors: np.ndarray | None = Non
     m = _pq_m(dim)
     nbits = 8 if n >= 256 * 39 else max(1, int(math.log2(max(2, n // 39))))
     ivf = faiss.IndexIVFPQ(quantizer, dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
+    if n < 39 * max(nlist, 2 ** nbits):  # tiny forced ivfpq (tests): train quietly, refine keeps it exact enough
+        ivf.cp.min_points_per_centroid = 1
+        ivf.pq.cp.min_points_per_centroid = 1
     rng = np.random.default_rng(0)
     sample = train_vectors if n <= 256 * nlist else train_vectors[rng.choice(n, 256 * nlist, replace=False)]
     ivf.train(np.ascontiguousarray(sample, dtype=np.float32))

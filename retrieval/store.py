@@ -451,8 +451,11 @@ class SupportStore:
             ix.atomic_write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
             _fsync_dir(tmp)
             if path.exists():
-                if not (path / MANIFEST_FILE).is_file() and any(path.iterdir()):
-                    raise StoreError(f"{path}: exists and is not a support store; refusing to overwrite it")
+                foreign = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+                foreign = [n for n in foreign if n not in (INDEX_FILE, META_FILE, MANIFEST_FILE)]
+                if foreign:
+                    raise StoreError(f"{path}: exists and holds files other than a support store's ({foreign[:3]}); "
+                                     "refusing to overwrite it")
                 old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
                 os.replace(path, old / "store")
                 os.replace(tmp, path)
