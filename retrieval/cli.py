@@ -291,6 +291,12 @@ def segment(args: argparse.Namespace) -> int:
             print(f"segicl segment: {exc}", file=sys.stderr)
             return 1
     pipe = load_pipeline(args.checkpoint)
+    k_max = getattr(getattr(pipe, "config", None), "k_max", None)
+    n_sup = len(given) + (args.k if store is not None else 0)
+    if k_max is not None and n_sup > k_max:
+        print(f"segicl segment: {n_sup} supports per query ({len(given)} given + k={args.k if store else 0}) but the "
+              f"model takes at most k_max={k_max}", file=sys.stderr)
+        return 1
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.image)
     report: dict[str, Any] = {"checkpoint": args.checkpoint, "store": str(args.store) if args.store else None,

@@ -241,7 +241,7 @@ class SegICLEmbedder:
                 raise EmbedderError(f"{path}: SegICL checkpoint not found ({exc})") from exc
         self.pipeline = pipeline
         self.spec = f"segicl:{checkpoint}" if checkpoint else "segicl"
-        self.id = f"segicl-{pipeline.embedder_id}"
+        self.id = str(pipeline.embedder_id)  # "segicl-vision:<hash of the vision tower's weights>"
         self.dim = int(self.embed([Image.new("RGB", (32, 32))]).shape[1])
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
