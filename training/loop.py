@@ -504,7 +504,7 @@ def train(
     model.train()
     window: dict[str, float] = {}
     window_n = 0
-    t_window = time.perf_counter()
+    t_window, window_step = time.perf_counter(), state.step
     t0, step0 = time.perf_counter(), state.step
     clip = float(cfg.grad_clip) if cfg.grad_clip else None
     killed = False
@@ -546,8 +546,8 @@ def train(
                 vals = acc.reduce(vals, "mean") if acc.num_processes > 1 else vals
                 now = time.perf_counter()
                 row = {"step": state.step, "epoch": state.epoch, "lr": lr_now(), **dict(zip(keys, vals.tolist()))}
-                row["steps_per_s"] = (int(cfg.log_every) if state.step % int(cfg.log_every) == 0 else 1) / max(now - t_window, 1e-9)
-                t_window, window, window_n = now, {}, 0
+                row["steps_per_s"] = (state.step - window_step) / max(now - t_window, 1e-9)
+                t_window, window, window_n, window_step = now, {}, 0, state.step
                 emit(row)
                 if bar is not None:
                     bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}", lr=f"{row['lr']:.2e}")

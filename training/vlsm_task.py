@@ -267,6 +267,11 @@ def build_vlsm_task(
     sampler = PromptSampler(data.get("prompt_levels", ["p1"]), seed=seed, use_prompts_json=bool(data.get("prompts_json", True)))
     train_set = VLSMTrainDataset(train_items, model, sampler, bool(data.get("augment", True)), seed)
     task = VLSMTask(model, train)
+    if not val_items:
+        import warnings
+
+        warnings.warn(f"no {data.get('val_split', 'val')!r} split in the selected datasets: training runs without validation", stacklevel=2)
+        return task, train_set, None
     val_fn = make_val_fn(
         val_items, data.get("val_prompt_level", "p1"), int(train.get("batch_size", 8)), (task.dice_weight, task.bce_weight)
     )
