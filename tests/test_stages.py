@@ -1,0 +1,96 @@
+"""SegICL stage 1 and stage 2 task modules through the shared loop, on the shipped demo sample."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from segicl import PACKAGE_DIR
+from segicl.data import find_datasets, load_dataset
+from segicl.pipeline import SegICLPipeline
+from training.common import batch_dice, val_items
+
+DEMO = PACKAGE_DIR / "assets" / "demo"
+
+
+def test_batch_dice_cases():
+    p = torch.zeros(3, 4, 4)
+    t = torch.zeros(3, 4, 4)
+    p[0, :2] = 1
+    t[0, :2] = 1  # perfect
+    p[1, 0, 0] = 1  # predicted 1 pixel, target empty
+    # item 2: both empty -> 1
+    assert batch_dice(p, t) == [1.0, 0.0, 1.0]
+
+
+def test_val_items_are_fixed_and_supports_come_from_train():
+    datasets = [load_dataset(f) for f in find_datasets(DEMO)]
+    a = val_items(datasets, per_task=2, seed=0, image_size=64, mask_size=64, split="test", k=3)
+    b = val_items(datasets, per_task=2, seed=0, image_size=64, mask_size=64, split="test", k=3)
+    assert len(a) == 2 * len(datasets)
+    assert all(len(x["support_images"]) == 3 and x["mask"].sum() > 0 for x in a)
+    assert all(torch.equal(x["image"], y["image"]) and torch.equal(x["support_masks"][0], y["support_masks"][0])
+               for x, y in zip(a, b))
+
+
+@pytest.fixture(scope="module")
+def stage1_model(tmp_path_factory):
+    from training.loop import train
+    from training.stage1 import build_stage1_task
+
+    out = tmp_path_factory.mktemp("s1")
+    cfg = {"model": {"preset": "tiny"}, "data": {},
+           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                     "val_every": -1, "out_dir": str(out), "seed": 0, "progress": False, "tensorboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, val = build_stage1_task(cfg, [DEMO])
+    assert val is None  # the demo sample has no val split
+    before = {k: v.clone() for k, v in task.pipe.encoder.state_dict().items()}
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64) and item["mask"].shape == (1, 64, 64)
+    res = train(task, ds, None, cfg["train"])
+    # stage 1 leaves the multimodal encoder untouched
+    assert all(torch.equal(before[k], v) for k, v in task.pipe.encoder.state_dict().items())
+    return res["model_dir"]
+
+
+def test_stage1_trains_decoder_and_saves_pipeline(stage1_model):
+    pipe = SegICLPipeline.from_pretrained(stage1_model)
+    fresh = SegICLPipeline.from_preset("tiny", seed=0)
+    moved = [k for k, v in pipe.decoder.state_dict().items() if not torch.equal(v, fresh.decoder.state_dict()[k])]
+    assert moved, "stage 1 did not update the decoder"
+
+
+def test_stage2_trains_only_the_encoder(stage1_model, tmp_path):
+    from training.loop import train
+    from training.stage1 import make_val_fn as stage1_val
+    from training.stage2 import build_stage2_task, make_val_fn
+
+    cfg = {"model": {"init": str(stage1_model)}, "data": {"k_max": 3},
+           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, _ = build_stage2_task(cfg, [DEMO])
+    ep = ds[0]
+    assert ep["support_images"].shape == (3, 3, 64, 64) and 0 <= ep["num_supports"] <= 3
+    frozen = {k: v.clone() for k, v in task.pipe.decoder.state_dict().items()}
+    enc_before = {k: v.clone() for k, v in task.encoder.state_dict().items()}
+    assert not any(p.requires_grad for p in task.pipe.condition_encoder.parameters())
+    out = task(ds.collate_fn([ds[i] for i in range(4)]))
+    assert out["loss"].requires_grad and torch.isfinite(out["loss"])
+    res = train(task, ds, None, cfg["train"])
+    assert all(torch.equal(frozen[k], v) for k, v in task.pipe.decoder.state_dict().items())
+    assert any(not torch.equal(enc_before[k], v) for k, v in task.encoder.state_dict().items())
+    # validation at k = 0 and k = 3 on the demo's test split (a real metric on decoded S)
+    datasets = [load_dataset(f) for f in find_datasets(DEMO)]
+    items = {k: val_items(datasets, 1, 0, 64, 64, split="test", k=k) for k in (0, 3)}
+    metrics = make_val_fn(items, steps=2)(task)
+    assert {"dice_k0", "dice_k3", "mse_k0", "mse_k3", "dice"} <= metrics.keys()
+    assert all(0 <= metrics[k] <= 1 for k in ("dice_k0", "dice_k3")) and metrics["mse_k0"] > 0
+    s1 = stage1_val(items[0], steps=2)(task)
+    assert "dice_null" in s1 and any(k.startswith("dice/") for k in s1)
+    assert SegICLPipeline.from_pretrained(res["model_dir"]).num_parameters() == task.pipe.num_parameters()

@@ -1,0 +1,79 @@
+"""Pieces shared by the SegICL stage tasks: LR schedule, batch Dice, fixed validation items."""
+
+from __future__ import annotations
+
+import random
+import zlib
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from diffusers.optimization import get_scheduler
+
+from segicl.data import SegDataset
+from segicl.data.transforms import image_to_tensor, mask_to_tensor
+
+
+def lr_schedule(opt: torch.optim.Optimizer, train_cfg: dict[str, Any]):
+    """diffusers' LR schedule (``lr_schedule``: constant_with_warmup / cosine / linear) over ``steps``."""
+    return get_scheduler(
+        train_cfg.get("lr_schedule", "cosine"), opt,
+        num_warmup_steps=int(train_cfg.get("warmup_steps", 100)),
+        num_training_steps=int(train_cfg.get("max_steps") or train_cfg.get("steps") or 1000),
+    )
+
+
+def batch_dice(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> list[float]:
+    """Per-item Dice of ``prob > threshold`` vs binary ``target`` ((B, H, W) each); empty vs empty = 1."""
+    pred = prob > threshold
+    tgt = target > 0.5
+    inter = (pred & tgt).flatten(1).sum(1).float()
+    total = pred.flatten(1).sum(1).float() + tgt.flatten(1).sum(1).float()
+    dice = torch.where(total > 0, 2 * inter / total.clamp(min=1), torch.ones_like(total))
+    return dice.tolist()
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def task_name(ds: SegDataset, label_value: int) -> str:
+    return f"{ds.name}/{ds.labels[label_value]}"
+
+
+def val_items(datasets: Sequence[SegDataset], per_task: int, seed: int, image_size: int, mask_size: int,
+              split: str = "val", k: int = 0) -> list[dict[str, Any]]:
+    """A fixed set of validation queries per (dataset, label), with ``k`` supports from the train split.
+
+    Queries come from ``split`` (the val split; never test) and contain the label; supports come from
+    the same task's train split, outside the query's group. Deterministic under ``seed``.
+    """
+    items = []
+    for ds in datasets:
+        if split not in ds.splits:
+            continue
+        for t in ds.tasks():
+            v = t.label_value
+            rng = random.Random(_seed(seed, ds.name, v, split))
+            stems = [s for s in ds.stems(split) if v in ds.labels_present(s)]  # masks cached per dataset
+            if not stems:
+                continue
+            for stem in sorted(rng.sample(stems, min(per_task, len(stems)))):
+                q = ds.sample(stem, v)
+                pool = [s for s in ds.stems("train") if ds.group(s) != q.group]
+                rng.shuffle(pool)
+                sup = []
+                for s in pool:  # reads masks lazily: only until k supports with the label are found
+                    if len(sup) == k:
+                        break
+                    if v in ds.labels_present(s):
+                        sup.append(ds.sample(s, v))
+                items.append({
+                    "task": task_name(ds, v),
+                    "text": ds.instruction(v),
+                    "image": image_to_tensor(q.image, image_size),
+                    "mask": mask_to_tensor(q.mask, mask_size),
+                    "support_images": [image_to_tensor(s.image, image_size) for s in sup],
+                    "support_masks": [mask_to_tensor(s.mask, mask_size) for s in sup],
+                })
+    return items

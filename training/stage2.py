@@ -1,0 +1,145 @@
+"""Stage 2: the multimodal encoder regresses the frozen condition encoder's tokens (paper eq. 5).
+
+``build_stage2_task(config, data_dirs, exclude) -> (task, train_dataset, val_fn)`` for the shared loop
+(``segicl train stage2 --config configs/train/tiny_stage2.yaml``). ``model.init`` names the stage-1
+checkpoint (a saved pipeline); its condition encoder and decoder are frozen. The LM is trained fully
+(tiny / small, random init) or through peft LoRA (``model.lora``, the paper preset) with the
+projectors, markers and query slots fully trained.
+
+Each episode gives a text, k supports (0..K_max) and a query from one task's train split; the loss
+is MSE(S, C) with S = encoder(text, supports, query) and C = condition_encoder(query mask).
+
+Validation decodes the predicted S with the frozen decoder and reports Dice per task and mean, at
+k = 0 and k = K (supports from the train split), so in-context gain is visible during training.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segicl.pipeline import SegICLPipeline
+from training.common import batch_dice, lr_schedule, val_items
+
+
+class Stage2Task(nn.Module):
+    def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any]):
+        super().__init__()
+        self.pipe = pipe
+        self.encoder = pipe.encoder
+        # frozen teacher parts: kept out of the module tree so the optimizer and DeepSpeed never see them
+        self._frozen = (pipe.condition_encoder.requires_grad_(False).eval(), pipe.decoder.requires_grad_(False).eval())
+        self.train_cfg = train_cfg
+
+    def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        ce = self._frozen[0]
+        q, qm = batch["query_image"], batch["query_mask"]
+        simg, smask = batch["support_images"], batch["support_masks"]
+        ks = batch["num_supports"]
+        b, k = simg.shape[:2]
+        with torch.no_grad():
+            target = ce(qm)
+            scond = ce(smask.flatten(0, 1)).view(b, k, *target.shape[1:]) if k else None
+        pred = self.encoder(list(batch["text"]), q, simg if k else None, scond, ks if k else None)
+        loss = F.mse_loss(pred.float(), target.float())
+        with torch.no_grad():
+            cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+        return {"loss": loss, "cos": cos}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    def configure_optimizers(self):
+        t = self.train_cfg
+        opt = torch.optim.AdamW(self.trainable_parameters(), lr=float(t.get("lr", 3e-4)),
+                                weight_decay=float(t.get("weight_decay", 0.01)))
+        return opt, lr_schedule(opt, t)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        enc = self.encoder
+        if hasattr(enc.lm, "merge_and_unload"):  # LoRA: save merged weights in the plain architecture
+            enc.lm = enc.lm.merge_and_unload()
+        return self.pipe.save_pretrained(path, extra={"stage": 2})
+
+
+def apply_lora(pipe: SegICLPipeline, lora: dict[str, Any]) -> None:
+    """peft LoRA on the LM (paper preset); projectors, markers and slots stay fully trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    enc = pipe.encoder
+    enc.vision.requires_grad_(False)  # the pretrained ViT stays frozen; its projector trains
+    enc.lm = get_peft_model(enc.lm, LoraConfig(**lora))
+
+
+def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
+                batch_size: int = 16) -> Callable[[nn.Module], dict[str, float]]:
+    def val_fn(task: nn.Module) -> dict[str, float]:
+        task = getattr(task, "module", task)
+        pipe: SegICLPipeline = task.pipe
+        enc_training = pipe.encoder.training
+        pipe.encoder.eval()
+        out: dict[str, float] = {}
+        with torch.no_grad():
+            for k, items in items_by_k.items():
+                g = torch.Generator().manual_seed(0)
+                per: dict[str, list[float]] = {}
+                mse = []
+                for i in range(0, len(items), batch_size):
+                    chunk = items[i : i + batch_size]
+                    img = torch.stack([c["image"] for c in chunk])
+                    msk = torch.stack([c["mask"] for c in chunk])
+                    sup = [list(zip(c["support_images"], c["support_masks"])) for c in chunk]
+                    s = pipe.encode(img, [c["text"] for c in chunk], sup)
+                    mse.append(F.mse_loss(s, pipe.condition_encoder(msk)).item())
+                    prob = pipe.decoder.sample(img, s, pipe.scheduler, steps, 1, pipe.config.scheduler.sampler, g)[:, 0]
+                    for c, d in zip(chunk, batch_dice(prob, msk[:, 0])):
+                        per.setdefault(c["task"], []).append(d)
+                for name, v in sorted(per.items()):
+                    out[f"dice_k{k}/{name}"] = sum(v) / len(v)
+                out[f"dice_k{k}"] = sum(sum(v) / len(v) for v in per.values()) / max(1, len(per))
+                out[f"mse_k{k}"] = sum(mse) / max(1, len(mse))
+        pipe.encoder.train(enc_training)
+        ks = sorted(items_by_k)
+        out["dice"] = out[f"dice_k{ks[-1]}"]
+        return out
+
+    return val_fn
+
+
+def build_stage2_task(config: dict[str, Any], data_dirs: Sequence[str | Path], exclude: Sequence[str] = ()):
+    from training.episodes import EpisodeDataset, load_split
+
+    mcfg = config.get("model", {})
+    train_cfg = config.get("train", {})
+    data_cfg = config.get("data", {})
+    seed = int(train_cfg.get("seed", 0))
+    init = mcfg.get("init")
+    if not init:
+        raise ValueError("stage 2 needs model.init: the stage-1 checkpoint directory (a saved pipeline)")
+    pipe = SegICLPipeline.from_pretrained(init)
+    if mcfg.get("lora") or pipe.config.lm.lora:
+        apply_lora(pipe, dict(mcfg.get("lora") or pipe.config.lm.lora))
+    task = Stage2Task(pipe, train_cfg)
+    task.train()
+    cfg = pipe.config
+    k_max = int(data_cfg.get("k_max", cfg.k_max))
+    if k_max > cfg.k_max:
+        raise ValueError(f"data.k_max {k_max} exceeds the model's k_max {cfg.k_max}")
+    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
+    train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
+                              task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed,
+                              augment=data_cfg.get("augment", True),
+                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)))
+    per_task = int(data_cfg.get("val_per_task", 8))
+    items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
+                  for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
+    if not any(items_by_k.values()):
+        warnings.warn("no val split with the trained labels: training runs without validation", stacklevel=2)
+        return task, train_ds, None
+    return task, train_ds, make_val_fn(items_by_k, steps=int(train_cfg.get("val_steps", 10)))
