@@ -82,6 +82,7 @@ class DecoderConfig:
     vae_block_out_channels: tuple[int, ...] = (32, 64)
     latent_channels: int = 4
     pretrained: str | None = None  # local Stable Diffusion directory (unet/, vae/) for the paper preset
+    cond_map_channels: int = 4  # C also enters spatially: tokens -> linear -> pixel-shuffle map, concatenated to x_t
     cond_dropout: float = 0.1  # stage 1: drop C (null condition) with this probability
     cond_noise: float = 0.2  # stage 1: Gaussian noise on C (x its RMS): makes the decoder read the image
 

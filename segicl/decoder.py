@@ -76,6 +76,19 @@ class MaskDecoder(nn.Module):
         self.vae = vae
         n, d = cfg.num_condition_tokens, cfg.condition.dim
         self.null_cond = nn.Parameter(torch.zeros(1, n, d))  # the "no condition" tokens (cond dropout)
+        # Spatial condition path: each token (one mask patch) -> a (c, s, s) tile of a map at the
+        # diffused resolution, concatenated to x_t. Cross-attention alone (the paper's design) was
+        # measured to render poorly from the true C in our tiny decoder: one-step x0 from pure noise
+        # reached Dice 0.47 and sampling stayed there; see docs/model.md.
+        self.cond_map_channels = int(cfg.decoder.cond_map_channels)
+        self.cond_grid = int(round(n**0.5))
+        self.cond_map = None
+        if self.cond_map_channels:
+            size = unet.config.sample_size
+            self.cond_scale = size // self.cond_grid
+            if self.cond_scale * self.cond_grid != size:
+                raise ValueError(f"condition grid {self.cond_grid} does not divide the diffused size {size}")
+            self.cond_map = nn.Linear(d, self.cond_map_channels * self.cond_scale**2)
         if cfg.decoder.space == "latent" and vae is None:
             raise ValueError("decoder.space='latent' needs a VAE")
 
@@ -104,7 +117,7 @@ class MaskDecoder(nn.Module):
                 f"but the diffused mask is {size}px: set decoder.hint_channels to {int.bit_length(cfg.image_size // size)} entries"
             )
         unet = UNet2DConditionModel(
-            sample_size=size, in_channels=channels, out_channels=channels,
+            sample_size=size, in_channels=channels + d.cond_map_channels, out_channels=channels,
             down_block_types=tuple(d.down_block_types), up_block_types=tuple(d.up_block_types),
             block_out_channels=tuple(d.block_out_channels), layers_per_block=d.layers_per_block,
             cross_attention_dim=cfg.condition.dim, attention_head_dim=d.attention_head_dim,
@@ -120,6 +133,8 @@ class MaskDecoder(nn.Module):
         The SD UNet cross-attends to 768-d tokens, so the condition width must be 768 (paper: 256 x 768).
         """
         root = Path(cfg.decoder.pretrained)
+        if cfg.decoder.cond_map_channels:
+            raise ValueError("a pretrained Stable Diffusion UNet takes 4 input channels: set decoder.cond_map_channels to 0")
         if not (root / "unet").is_dir() or not (root / "vae").is_dir():
             raise FileNotFoundError(f"{root}: expected a Stable Diffusion directory with unet/ and vae/")
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
@@ -174,6 +189,10 @@ class MaskDecoder(nn.Module):
     # ------------------------------------------------------------------ denoiser
     def predict(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """The UNet output (noise, x0 or v) for noisy ``xt`` at timesteps ``t``."""
+        if self.cond_map is not None:
+            b, n, _ = cond.shape
+            tiles = self.cond_map(cond).transpose(1, 2).reshape(b, -1, self.cond_grid, self.cond_grid)
+            xt = torch.cat([xt, F.pixel_shuffle(tiles, self.cond_scale)], 1)
         down, mid = self.controlnet(xt, t, encoder_hidden_states=cond, controlnet_cond=images, return_dict=False)
         return self.unet(xt, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
@@ -229,7 +248,7 @@ class MaskDecoder(nn.Module):
         sched.set_timesteps(num_inference_steps)
         imgs = images.repeat_interleave(num_samples, 0)
         cnd = cond.repeat_interleave(num_samples, 0).to(self.unet.dtype)
-        c = self.unet.config.in_channels
+        c = self.unet.config.out_channels
         size = self.unet.config.sample_size
         x = torch.randn((b * num_samples, c, size, size), generator=generator, dtype=torch.float32)
         x = (x * sched.init_noise_sigma).to(images.device, self.unet.dtype)
