@@ -275,7 +275,7 @@ class SupportStore:
         wanted = self.index_type_override or ix.choose_index_type(n_after)
         if self.index is None:
             self.index = ix.build_index(vecs, wanted)
-        elif wanted != ix.index_type_of(self.index):
+        elif wanted != ix.index_type_of(self.index) or (self.index_type_override is None and ix.needs_retraining(self.index, n_after)):
             self.index = ix.build_index(np.concatenate([ix.all_vectors(self.index), vecs]), wanted)
         else:
             self.index.add(vecs)

@@ -248,8 +248,10 @@ def test_index_types_agree_with_exact_search(kind, monkeypatch):
 
 
 def test_choose_index_type_by_size():
-    assert [ix.choose_index_type(n) for n in (10, 49_999, 50_000, 999_999, 5_000_000)] == \
-        ["flat", "flat", "hnsw", "hnsw", "ivfpq"]
+    assert [ix.choose_index_type(n) for n in (10, 49_999, 50_000, 5_000_000)] == ["flat", "flat", "ivfpq", "ivfpq"]
+    small = ix.build_index(np.random.default_rng(0).normal(size=(2000, 16)).astype(np.float32), "ivfpq")
+    assert not ix.needs_retraining(small, 2000) and ix.needs_retraining(small, 20_000)
+    assert not ix.needs_retraining(ix.build_index(np.zeros((5, 16), np.float32), "flat"), 10**6)
 
 
 def test_store_index_types_give_the_same_top1(demo_dirs, demo_store):
@@ -495,3 +497,15 @@ def test_cli_on_real_data(shared_data, tmp_path, monkeypatch):
     q = json.loads((out / "segment.json").read_text())["queries"][0]
     assert len(q["supports"]) == 3 and all(s["dataset"] == "kvasir_seg" for s in q["supports"])
     assert Image.open(out / f"{img.stem}.png").size == Image.open(img).size
+
+
+def test_growing_store_switches_to_ivfpq_without_reembedding(demo_dirs, demo_store, monkeypatch):
+    monkeypatch.setattr(ix, "FLAT_MAX", 20)  # pretend 20 entries is "large"
+    store = SupportStore.build(demo_dirs[:1], progress=False)
+    assert store.index_type == "flat"
+    store.add(demo_dirs[1:], progress=False)
+    assert store.index_type == "ivfpq" and store.index.ntotal == 48
+    np.testing.assert_allclose(ix.all_vectors(store.index), ix.all_vectors(demo_store.index), atol=1e-6)
+    ds = load_dataset(demo_dirs[2])
+    q = ds.sample(ds.stems("test")[1], 255).image
+    assert store.search(q, k=1)[0].stem == demo_store.search(q, k=1)[0].stem

@@ -88,7 +88,7 @@ def bench_index(sizes: Sequence[int], types: Sequence[str], dim: int, clusters: 
             lat, got = [], np.empty((n_queries, k), np.int64)
             for i in range(n_queries):
                 t = time.perf_counter()
-                _, ids = index.search(q[i:i + 1], k)
+                _, ids = ix.search(index, q[i:i + 1], k)  # the store's path (IVF-PQ shortlist size etc.)
                 lat.append((time.perf_counter() - t) * 1e3)
                 got[i] = ids[0]
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
