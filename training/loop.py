@@ -296,6 +296,19 @@ def _fresh_accelerate_state() -> None:
         GradientState._reset_state()
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """On CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op the first
+    time (70 s to minutes; cached in ~/.cache/torch_extensions afterwards). gloo does the same job,
+    slower for big tensors; ``SEGICL_DS_SHM_COMM=1`` keeps DeepSpeed's op."""
+    if os.environ.get("SEGICL_DS_SHM_COMM", "0") == "1":
+        return
+    try:
+        import deepspeed.ops
+    except Exception:  # DeepSpeed not installed: nothing to skip
+        return
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def make_accelerator(cfg: LoopConfig):
     """The Accelerator for ``cfg``: gloo process groups when there is no GPU, DeepSpeed from
     ``cfg.deepspeed`` when given (single-process use), else whatever ``accelerate launch`` set."""
@@ -309,12 +322,23 @@ def make_accelerator(cfg: LoopConfig):
     ).lower() in ("1", "true")
     if distributed and not torch.cuda.is_available():
         kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        _skip_deepspeed_shm_op()
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not (cfg.deepspeed or os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")):
+            # torchrun / accelerate launch without GPUs: accelerate only builds a process group
+            # (MULTI_CPU, DDP over gloo) when told cpu=True; otherwise each process trains alone.
+            kwargs["cpu"] = True
     if cfg.deepspeed:
         path = Path(cfg.deepspeed)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: DeepSpeed config not found")
         for var in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
             os.environ.setdefault(var, {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29511"}.get(var, "0") if var != "WORLD_SIZE" else "1")
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState._shared_state and AcceleratorState().deepspeed_plugin is not None:
+            # accelerate allows one DeepSpeed plugin per process: later loops in the same process
+            # (tests, notebooks) reuse the first one, so they must use the same DeepSpeed settings.
+            return Accelerator(gradient_accumulation_steps=int(cfg.grad_accum), project_dir=str(cfg.out_dir))
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(
             hf_ds_config=str(path), gradient_accumulation_steps=int(cfg.grad_accum),
             gradient_clipping=float(cfg.grad_clip or 0.0),  # fills "auto"; 0 = no clipping
