@@ -282,41 +282,25 @@ def fit(
     config: dict, data_dirs: Sequence[str | Path], exclude: Sequence[str] = (), steps: int = 200,
     out: str | Path | None = None, log_every: int = 50,
 ) -> dict[str, float]:
-    """A minimal single-process loop (smoke runs, the numbers in docs/vlsm.md); the project's
-    accelerate loop (training/loop.py) is the real one. Returns validation Dice before and after."""
-    import time
+    """A smoke run through the shared accelerate loop (training/loop.py; ``segicl train vlsm`` is the
+    full command): ``steps`` optimizer steps, validation (and ReduceLROnPlateau) every epoch, no
+    checkpoints. Returns validation Dice before and after."""
+    import tempfile
 
-    from torch.utils.data import DataLoader
+    from training.loop import LoopConfig, train
 
     task, train_set, val_fn = build_vlsm_task(config, data_dirs, exclude)
-    opt, plateau = task.configure_optimizers()
-    train = task.train_config
-    loader = DataLoader(train_set, batch_size=int(train.get("batch_size", 8)), shuffle=True,
-                        generator=torch.Generator().manual_seed(int(config.get("seed", 0))))
-    before = val_fn(task)["dice"]
-    t0, step, epoch = time.perf_counter(), 0, 0
-    task.train()
-    while step < steps:
-        train_set.set_epoch(epoch)
-        for batch in loader:
-            loss = task(batch)["loss"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if log_every and step % log_every == 0:
-                print(f"step {step} loss {loss.item():.4f}", flush=True)
-            if step >= steps:
-                break
-        epoch += 1
-        if step < steps:
-            plateau.step(val_fn(task)["dice"])
-    seconds = time.perf_counter() - t0
-    after = val_fn(task)
+    before = val_fn(task)["dice"] if val_fn is not None else float("nan")
+    with tempfile.TemporaryDirectory() as tmp:
+        loop_cfg = LoopConfig.from_dict(
+            task.train_config, max_steps=int(steps), log_every=int(log_every), seed=int(config.get("seed", 0)),
+            out_dir=tmp, ckpt_every=0, save_final_checkpoint=False, progress=False, tensorboard=False,
+        )
+        result = train(task, train_set, val_fn, loop_cfg)
     if out is not None:
         task.save_pretrained(out)
-    return {"val_dice_before": before, "val_dice_after": after["dice"], "steps": step, "seconds": seconds,
-            "trainable_params": sum(p.numel() for p in task.trainable_parameters())}
+    return {"val_dice_before": before, "val_dice_after": result["val"].get("dice", float("nan")), "steps": result["step"],
+            "seconds": result["seconds"], "trainable_params": sum(p.numel() for p in task.trainable_parameters())}
 
 
 def parse_args(argv: Sequence[str] | None = None):
