@@ -94,3 +94,20 @@ def test_stage2_trains_only_the_encoder(stage1_model, tmp_path):
     s1 = stage1_val(items[0], steps=2)(task)
     assert "dice_null" in s1 and any(k.startswith("dice/") for k in s1)
     assert SegICLPipeline.from_pretrained(res["model_dir"]).num_parameters() == task.pipe.num_parameters()
+
+
+def test_stage3_trains_only_the_decoder_on_predicted_tokens(stage1_model, tmp_path):
+    from training.loop import train
+    from training.stage3 import build_stage3_task
+
+    cfg = {"model": {"init": str(stage1_model)}, "data": {"k_max": 2, "true_c_prob": 0.5},
+           "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, _ = build_stage3_task(cfg, [DEMO])
+    enc = {k: v.clone() for k, v in task.pipe.encoder.state_dict().items()}
+    dec = {k: v.clone() for k, v in task.pipe.decoder.state_dict().items()}
+    train(task, ds, None, cfg["train"])
+    assert all(torch.equal(enc[k], v) for k, v in task.pipe.encoder.state_dict().items())
+    assert any(not torch.equal(dec[k], v) for k, v in task.pipe.decoder.state_dict().items())

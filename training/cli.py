@@ -1,4 +1,4 @@
-"""``segicl train {stage1,stage2,vlsm}``: build a task from a config and run it through the shared loop.
+"""``segicl train {stage1,stage2,stage3,vlsm}``: build a task from a config and run it through the shared loop.
 
 Examples::
 
@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "vlsm")
+STAGES = ("stage1", "stage2", "stage3", "vlsm")
 
 
 def _str_list(text: str) -> list[str]:
@@ -62,6 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     helps = {"stage1": "condition encoder + diffusion decoder on (image, mask) pairs",
              "stage2": "multimodal encoder on in-context episodes (frozen stage-1 parts)",
+             "stage3": "decoder adapted to the encoder's predicted tokens S (frozen encoders)",
              "vlsm": "a VLSM baseline (CLIPSeg, CRIS, BiomedCLIPSeg) in a tuning mode"}
     for stage in STAGES:
         sub = stages.add_parser(stage, help=helps[stage], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -172,6 +173,7 @@ def build_task(stage: str, config: dict, data_dirs: Sequence[Path], exclude: Seq
     module_name, fn_name = {
         "stage1": ("training.stage1", "build_stage1_task"),
         "stage2": ("training.stage2", "build_stage2_task"),
+        "stage3": ("training.stage3", "build_stage3_task"),
         "vlsm": ("training.vlsm_task", "build_vlsm_task"),
     }[stage]
     try:
