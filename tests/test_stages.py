@@ -111,3 +111,23 @@ def test_stage3_trains_only_the_decoder_on_predicted_tokens(stage1_model, tmp_pa
     train(task, ds, None, cfg["train"])
     assert all(torch.equal(enc[k], v) for k, v in task.pipe.encoder.state_dict().items())
     assert any(not torch.equal(dec[k], v) for k, v in task.pipe.decoder.state_dict().items())
+
+
+def test_stage2_lora_trains_adapters_and_saves_merged_weights(tmp_path):
+    """Paper-preset path: peft LoRA on the LM, projectors trainable, vision frozen; saved merged."""
+    from training.stage2 import Stage2Task, apply_lora
+
+    pipe = SegICLPipeline.from_preset("tiny", seed=0)
+    apply_lora(pipe, {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"]})
+    task = Stage2Task(pipe, {"lr": 1e-3})
+    names = {n for n, p in task.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in names) and any(n.startswith("encoder.image_proj") for n in names)
+    assert not any(n.startswith("encoder.vision.") for n in names)
+    assert not any("lm." in n and "lora" not in n for n in names)  # base LM weights frozen
+    q = torch.rand(2, 3, 64, 64) * 2 - 1
+    s = pipe.encoder(["a", "b"], q)
+    assert s.shape == (2, pipe.config.num_condition_tokens, pipe.config.condition.dim)
+    task.save_pretrained(tmp_path / "ck")
+    loaded = SegICLPipeline.from_pretrained(tmp_path / "ck")  # plain Qwen2 architecture again
+    with torch.no_grad():
+        assert torch.allclose(loaded.encoder(["a", "b"], q), pipe.encoder(["a", "b"], q), atol=1e-4)
