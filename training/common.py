@@ -23,6 +23,13 @@ def lr_schedule(opt: torch.optim.Optimizer, train_cfg: dict[str, Any]):
     )
 
 
+def adamw_with_schedule(params, train_cfg: dict[str, Any], default_lr: float):
+    """AdamW (``train.lr``, ``train.weight_decay``) and its :func:`lr_schedule` (the stage tasks)."""
+    opt = torch.optim.AdamW(params, lr=float(train_cfg.get("lr", default_lr)),
+                            weight_decay=float(train_cfg.get("weight_decay", 0.01)))
+    return opt, lr_schedule(opt, train_cfg)
+
+
 def batch_dice(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> list[float]:
     """Per-item Dice of ``prob > threshold`` vs binary ``target`` ((B, H, W) each); empty vs empty = 1."""
     pred = prob > threshold

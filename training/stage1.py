@@ -24,7 +24,7 @@ from torch import nn
 
 from segicl.config import load_preset
 from segicl.pipeline import SegICLPipeline
-from training.common import batch_dice, lr_schedule, val_items
+from training.common import adamw_with_schedule, batch_dice, val_items
 
 
 class Stage1Task(nn.Module):
@@ -45,10 +45,7 @@ class Stage1Task(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        t = self.train_cfg
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=float(t.get("lr", 3e-4)),
-                                weight_decay=float(t.get("weight_decay", 0.01)))
-        return opt, lr_schedule(opt, t)
+        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=3e-4)
 
     def save_pretrained(self, path: str | Path) -> Path:
         return self.pipe.save_pretrained(path, extra={"stage": 1})

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import batch_dice, lr_schedule, val_items
+from training.common import adamw_with_schedule, batch_dice, val_items
 
 
 class Stage2Task(nn.Module):
@@ -56,10 +56,7 @@ class Stage2Task(nn.Module):
         return [p for p in self.encoder.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        t = self.train_cfg
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=float(t.get("lr", 3e-4)),
-                                weight_decay=float(t.get("weight_decay", 0.01)))
-        return opt, lr_schedule(opt, t)
+        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=3e-4)
 
     def save_pretrained(self, path: str | Path) -> Path:
         enc = self.encoder
@@ -112,13 +109,38 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
     return val_fn
 
 
-def build_stage2_task(config: dict[str, Any], data_dirs: Sequence[str | Path], exclude: Sequence[str] = ()):
+def episode_data(pipe: SegICLPipeline, config: dict[str, Any], data_dirs: Sequence[str | Path],
+                 exclude: Sequence[str] = (), seed_offset: int = 0):
+    """(train episodes, val_fn or None) of the stages that run on in-context episodes (2 and 3).
+
+    Episodes are drawn with seed ``train.seed + seed_offset``; the val queries and supports always
+    use ``train.seed``, so stages validate on the same items.
+    """
     from training.episodes import EpisodeDataset, load_split
 
+    train_cfg, data_cfg = config.get("train", {}), config.get("data", {})
+    seed = int(train_cfg.get("seed", 0))
+    cfg = pipe.config
+    k_max = int(data_cfg.get("k_max", cfg.k_max))
+    if k_max > cfg.k_max:
+        raise ValueError(f"data.k_max {k_max} exceeds the model's k_max {cfg.k_max}")
+    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
+    train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
+                              task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed + seed_offset,
+                              augment=data_cfg.get("augment", True),
+                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)))
+    per_task = int(data_cfg.get("val_per_task", 8))
+    items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
+                  for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
+    if not any(items_by_k.values()):
+        warnings.warn("no val split with the trained labels: training runs without validation", stacklevel=3)
+        return train_ds, None
+    return train_ds, make_val_fn(items_by_k, steps=int(train_cfg.get("val_steps", 10)))
+
+
+def build_stage2_task(config: dict[str, Any], data_dirs: Sequence[str | Path], exclude: Sequence[str] = ()):
     mcfg = config.get("model", {})
     train_cfg = config.get("train", {})
-    data_cfg = config.get("data", {})
-    seed = int(train_cfg.get("seed", 0))
     init = mcfg.get("init")
     if not init:
         raise ValueError("stage 2 needs model.init: the stage-1 checkpoint directory (a saved pipeline)")
@@ -127,19 +149,5 @@ def build_stage2_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
         apply_lora(pipe, dict(mcfg.get("lora") or pipe.config.lm.lora))
     task = Stage2Task(pipe, train_cfg)
     task.train()
-    cfg = pipe.config
-    k_max = int(data_cfg.get("k_max", cfg.k_max))
-    if k_max > cfg.k_max:
-        raise ValueError(f"data.k_max {k_max} exceeds the model's k_max {cfg.k_max}")
-    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
-    train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
-                              task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed,
-                              augment=data_cfg.get("augment", True),
-                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)))
-    per_task = int(data_cfg.get("val_per_task", 8))
-    items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
-                  for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
-    if not any(items_by_k.values()):
-        warnings.warn("no val split with the trained labels: training runs without validation", stacklevel=2)
-        return task, train_ds, None
-    return task, train_ds, make_val_fn(items_by_k, steps=int(train_cfg.get("val_steps", 10)))
+    train_ds, val_fn = episode_data(pipe, config, data_dirs, exclude)
+    return task, train_ds, val_fn

@@ -16,7 +16,6 @@ ground-truth mask from S (with the query image as hint) closes that gap without 
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,8 +24,8 @@ import torch
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import lr_schedule, val_items
-from training.stage2 import make_val_fn
+from training.common import adamw_with_schedule
+from training.stage2 import episode_data
 
 
 class Stage3Task(nn.Module):
@@ -59,22 +58,16 @@ class Stage3Task(nn.Module):
         return [p for p in self.decoder.parameters() if p.requires_grad]
 
     def configure_optimizers(self):
-        t = self.train_cfg
-        opt = torch.optim.AdamW(self.trainable_parameters(), lr=float(t.get("lr", 1e-4)),
-                                weight_decay=float(t.get("weight_decay", 0.01)))
-        return opt, lr_schedule(opt, t)
+        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=1e-4)
 
     def save_pretrained(self, path: str | Path) -> Path:
         return self.pipe.save_pretrained(path, extra={"stage": 3})
 
 
 def build_stage3_task(config: dict[str, Any], data_dirs: Sequence[str | Path], exclude: Sequence[str] = ()):
-    from training.episodes import EpisodeDataset, load_split
-
     mcfg = config.get("model", {})
     train_cfg = config.get("train", {})
     data_cfg = config.get("data", {})
-    seed = int(train_cfg.get("seed", 0))
     init = mcfg.get("init")
     if not init:
         raise ValueError("stage 3 needs model.init: the stage-2 checkpoint directory (a saved pipeline)")
@@ -83,17 +76,5 @@ def build_stage3_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
     task = Stage3Task(pipe, train_cfg, float(data_cfg.get("true_c_prob", 0.0)))
     task.train()
     task._frozen[0].eval()
-    cfg = pipe.config
-    k_max = int(data_cfg.get("k_max", cfg.k_max))
-    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
-    train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
-                              task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed + 3,
-                              augment=data_cfg.get("augment", True),
-                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)))
-    per_task = int(data_cfg.get("val_per_task", 8))
-    items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
-                  for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
-    if not any(items_by_k.values()):
-        warnings.warn("no val split with the trained labels: training runs without validation", stacklevel=2)
-        return task, train_ds, None
-    return task, train_ds, make_val_fn(items_by_k, steps=int(train_cfg.get("val_steps", 10)))
+    train_ds, val_fn = episode_data(pipe, config, data_dirs, exclude, seed_offset=3)
+    return task, train_ds, val_fn
