@@ -54,6 +54,12 @@ class LMConfig:
     tokenizer: str = "bytes"  # "bytes" (shipped byte-level tokenizer) or "hf:<local dir>"
     max_text_tokens: int = 64
     lora: dict[str, Any] | None = None  # peft LoraConfig kwargs for stage 2 (paper preset)
+    # How the sequence is laid out (see segicl/encoder.py):
+    slot_init: str = "learned"  # "learned" (paper) | "query": slot i = learned slot i + the query's image
+    #   feature at condition-grid cell i (each slot starts from the pixels it must label)
+    support_tokens: str = "interleaved"  # "interleaved" (paper: <img> image tokens <mask> mask tokens) |
+    #   "fused": <img> (image token + mask token) per grid cell (a query cell finds a similar support
+    #   cell and reads its label in one attention hop)
 
 
 @dataclass
@@ -123,6 +129,10 @@ class SegICLConfig:
         grid = self.image_size // self.vision.patch_size
         if grid % self.vision.pool_to:
             raise ValueError(f"vision patch grid {grid} is not divisible by vision.pool_to {self.vision.pool_to}")
+        if self.lm.slot_init not in ("learned", "query"):
+            raise ValueError(f"lm.slot_init must be 'learned' or 'query', not {self.lm.slot_init!r}")
+        if self.lm.support_tokens not in ("interleaved", "fused"):
+            raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):

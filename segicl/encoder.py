@@ -14,6 +14,16 @@
   (``<...>`` are learned marker embeddings, q_i learned query slots), left-padded so every item's
   slots are the last N positions; any k in 0..K_max per item within one batch. A projector maps the
   hidden states at the slots to the predicted condition tokens S (N x d_c), layer-normalised like C.
+
+Two layout options (``lm.slot_init``, ``lm.support_tokens``; the defaults are the paper's):
+
+* ``slot_init="query"``: slot i starts as its learned embedding plus a projection of the query's
+  image feature at condition-grid cell i, so every slot is tied to the pixels whose label it predicts
+  (with learned slots the LM must route 8 x 8 cells of output through a 4 x 4 pooled image).
+* ``support_tokens="fused"``: each support contributes ``<img>`` and one token per grid cell, the sum
+  of the cell's image token and mask token. A query cell can find a similar support cell and read its
+  label in one attention hop; interleaved segments need two (match the image token, then look
+  ``pool_to^2 + 1`` positions further).
 """
 
 from __future__ import annotations
@@ -124,6 +134,8 @@ class MultimodalEncoder(nn.Module):
         self.mask_proj = _mlp(cfg.condition.dim, h)
         self.markers = nn.Embedding(len(MARKERS), h)
         self.slots = nn.Parameter(torch.randn(1, cfg.num_condition_tokens, h) * 0.02)
+        if cfg.lm.slot_init == "query":
+            self.slot_proj = _mlp(width, h)
         self.out_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, cfg.condition.dim))
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -138,14 +150,21 @@ class MultimodalEncoder(nn.Module):
     def _normalise(self, images: torch.Tensor) -> torch.Tensor:
         return ((images + 1) / 2 - self.clip_mean) / self.clip_std
 
-    def vision_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, 3, S, S) in [-1, 1] -> pooled (n, embed_dim), pooled patch tokens (n, pool_to^2, width)."""
-        pooled, tokens = self.vision(self._normalise(images))
+    def vision_grid(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) in [-1, 1] -> patch tokens as a grid (n, width, g, g)."""
+        _, tokens = self.vision(self._normalise(images))
         n, t, w = tokens.shape
         g = int(round(t**0.5))
-        grid = tokens.transpose(1, 2).reshape(n, w, g, g)
-        p = self.cfg.vision.pool_to
-        return pooled, F.adaptive_avg_pool2d(grid, p).flatten(2).transpose(1, 2)
+        return tokens.transpose(1, 2).reshape(n, w, g, g)
+
+    @staticmethod
+    def _to_grid(grid: torch.Tensor, g: int) -> torch.Tensor:
+        """(n, w, a, a) -> (n, g*g, w): average-pooled (a >= g) or bilinearly upsampled (a < g)."""
+        if grid.shape[-1] >= g:
+            out = F.adaptive_avg_pool2d(grid, g)
+        else:
+            out = F.interpolate(grid, size=(g, g), mode="bilinear", align_corners=False)
+        return out.flatten(2).transpose(1, 2)
 
     @torch.no_grad()
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,8 +176,7 @@ class MultimodalEncoder(nn.Module):
         """Condition tokens (n, N, d_c) -> pooled (n, pool_to^2, d_c)."""
         n, t, d = cond.shape
         g = int(round(t**0.5))
-        grid = cond.transpose(1, 2).reshape(n, d, g, g)
-        return F.adaptive_avg_pool2d(grid, self.cfg.vision.pool_to).flatten(2).transpose(1, 2)
+        return self._to_grid(cond.transpose(1, 2).reshape(n, d, g, g), self.cfg.vision.pool_to)
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
@@ -193,21 +211,26 @@ class MultimodalEncoder(nn.Module):
         emb = self.lm.get_input_embeddings()
         # one vision pass over every query and real support image
         imgs = [query_images] + [support_images[i, : ks[i]] for i in range(b) if ks[i]]
-        _, vis = self.vision_tokens(torch.cat(imgs))
-        vis = self.image_proj(vis)
+        grid = self.vision_grid(torch.cat(imgs))
+        vis = self.image_proj(self._to_grid(grid, self.cfg.vision.pool_to))
         q_tok, s_tok = vis[:b], vis[b:]
+        slots = self.slots.expand(b, -1, -1)
+        if self.cfg.lm.slot_init == "query":
+            gc = int(round(self.cfg.num_condition_tokens**0.5))
+            slots = slots + self.slot_proj(self._to_grid(grid[:b], gc))
         if sum(ks):
             conds = torch.cat([support_cond[i, : ks[i]] for i in range(b) if ks[i]])
             m_tok = self.mask_proj(self.mask_tokens(conds.to(vis.dtype)))
+        fused = self.cfg.lm.support_tokens == "fused"
         mk = self.markers.weight
         seqs = []
         j = 0
         for i, ids in enumerate(self.tokenize(texts)):
             parts = [emb(ids.to(dev))]
             for _ in range(ks[i]):
-                parts += [mk[0:1], s_tok[j], mk[1:2], m_tok[j]]
+                parts += [mk[0:1], s_tok[j] + m_tok[j]] if fused else [mk[0:1], s_tok[j], mk[1:2], m_tok[j]]
                 j += 1
-            parts += [mk[2:3], q_tok[i], mk[3:4], self.slots[0]]
+            parts += [mk[2:3], q_tok[i], mk[3:4], slots[i]]
             seqs.append(torch.cat(parts))
         length = max(s.shape[0] for s in seqs)
         h = seqs[0].shape[-1]

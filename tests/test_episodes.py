@@ -225,3 +225,30 @@ def test_alternative_prompts_and_val_supports(shared_data, tmp_path):
     for i in range(6):
         it = v[i]
         assert it["stems"][0] in keep["val"] and set(it["stems"][1:]) <= set(keep["train"]) and it["num_supports"] == 2
+
+
+def test_label_flip_and_text_drop_tasks(demo):
+    """invert_prob: query and support masks inverted together, no text, only with supports;
+    text_drop_prob: empty instructions. Zero probabilities leave every other draw unchanged."""
+    datasets, cache = demo
+    plain_e = EpisodeDataset(cache, datasets, k_max=3, seed=5, length=80)
+    inv = EpisodeDataset(cache, datasets, k_max=3, seed=5, length=80, invert_prob=0.5)
+    drop = EpisodeDataset(cache, datasets, k_max=3, seed=5, length=80, text_drop_prob=1.0)
+    n_inv = 0
+    for i in range(80):
+        a, b = plain_e[i], inv[i]
+        assert a["stems"] == b["stems"] and torch.equal(a["query_image"], b["query_image"])
+        if b["inverted"]:
+            n_inv += 1
+            k = b["num_supports"]
+            assert k >= 1 and b["text"] == ""
+            assert torch.equal(b["query_mask"], 1 - a["query_mask"])
+            assert torch.equal(b["support_masks"][:k], 1 - a["support_masks"][:k])
+            assert torch.equal(b["support_masks"][k:], a["support_masks"][k:])  # padding stays zero
+        else:
+            assert same({x: a[x] for x in a if x != "inverted"}, {x: b[x] for x in a if x != "inverted"})
+        assert drop[i]["text"] == "" and torch.equal(drop[i]["query_mask"], a["query_mask"])
+        assert not a["inverted"] and a["text"]
+    assert 20 < n_inv < 60
+    with pytest.raises(ValueError, match="invert_prob"):
+        EpisodeDataset(cache, datasets, k_max=3, invert_prob=1.5)

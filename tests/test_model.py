@@ -163,3 +163,41 @@ def test_latent_space_decoder_builds_and_trains():
     assert {"vae_rec", "vae_kl", "diffusion"} <= out.keys() and torch.isfinite(out["loss"])
     prob = pipe.decoder.sample(torch.randn(1, 3, 64, 64), pipe.condition_encoder(m[:1]), pipe.scheduler, 2, 1)
     assert prob.shape == (1, 1, 64, 64)
+
+
+@pytest.mark.parametrize("layout", [("query", "interleaved"), ("learned", "fused"), ("query", "fused")])
+def test_encoder_layout_options(layout):
+    """slot_init='query' ties each slot to its query cell; support_tokens='fused' puts image + mask in one
+    token per cell. Both keep batching independent and S dependent on the supports."""
+    from training.stage2 import with_new_encoder
+
+    base = SegICLPipeline.from_preset("tiny", seed=0)
+    slot_init, support_tokens = layout
+    pipe = with_new_encoder(base, {"lm": {"slot_init": slot_init, "support_tokens": support_tokens}}, seed=0)
+    assert pipe.decoder is base.decoder and pipe.config.lm.slot_init == slot_init
+    assert hasattr(pipe.encoder, "slot_proj") == (slot_init == "query")
+    cfg = pipe.config
+    s, m, n = cfg.image_size, cfg.mask_size, cfg.num_condition_tokens
+    g = torch.Generator().manual_seed(3)
+    q = torch.rand(2, 3, s, s, generator=g) * 2 - 1
+    simg = torch.rand(2, 3, 3, s, s, generator=g) * 2 - 1
+    smask = (torch.rand(2, 3, 1, m, m, generator=g) > 0.5).float()
+    with torch.no_grad():
+        cond = pipe.condition_encoder(smask.flatten(0, 1)).view(2, 3, n, -1)
+        both = pipe.encoder(["a", "bb"], q, simg, cond, [3, 1])
+        a = pipe.encoder(["a"], q[:1], simg[:1], cond[:1], [3])
+        flipped = pipe.encoder(["a"], q[:1], simg[:1], cond[:1].flip(2), [3])  # other support masks
+        other_q = pipe.encoder(["a"], q[1:], simg[:1], cond[:1], [3])
+    assert both.shape == (2, n, cfg.condition.dim)
+    assert torch.allclose(both[0], a[0], atol=1e-4)
+    assert not torch.allclose(a, flipped, atol=1e-3)  # support masks reach S
+    assert not torch.allclose(a, other_q, atol=1e-3)
+    if slot_init == "query":  # the slots themselves see the query (one token per condition-grid cell)
+        grid = pipe.encoder.vision_grid(q[:1])
+        assert pipe.encoder._to_grid(grid, int(n**0.5)).shape == (1, n, grid.shape[1])
+    with pytest.raises(ValueError, match="vision.*lm"):
+        with_new_encoder(base, {"decoder": {"space": "latent"}})
+    bad = cfg.to_dict()
+    bad["lm"]["support_tokens"] = "stacked"
+    with pytest.raises(ValueError, match="support_tokens"):
+        SegICLConfig.from_dict(bad)

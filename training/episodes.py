@@ -140,6 +140,11 @@ class EpisodeDataset(_CacheItems):
         support_cache: draw supports from this cache instead (validation: queries from val,
             supports from train).
         fixed_k: always this many supports (validation at k = 0 and k = K).
+        text_drop_prob: probability of an empty instruction (the task must come from the supports
+            or the image).
+        invert_prob: probability, for episodes with k >= 1, of a label-flip task (UniverSeg's "flip
+            labels" task augmentation, Butoi et al. 2023): query and support masks are inverted
+            and the instruction is empty, so only the supports say what to segment.
     """
 
     def __init__(
@@ -156,8 +161,14 @@ class EpisodeDataset(_CacheItems):
         image_size: int | None = None,
         support_cache: PairCache | None = None,
         fixed_k: int | None = None,
+        text_drop_prob: float = 0.0,
+        invert_prob: float = 0.0,
     ):
         super().__init__(cache, datasets, image_size, augment, seed)
+        for name, p in (("text_drop_prob", text_drop_prob), ("invert_prob", invert_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
+        self.text_drop_prob, self.invert_prob = float(text_drop_prob), float(invert_prob)
         if k_max < 0:
             raise ValueError(f"k_max must be >= 0, got {k_max}")
         if task_weighting not in WEIGHTINGS:
@@ -217,11 +228,18 @@ class EpisodeDataset(_CacheItems):
         if alt:
             text = alts[int(rng.integers(len(alts)))]
         seeds = rng.integers(0, 2**62, size=k + 1)
+        # drawn for every item (same draws whatever the probabilities), so seeds stay comparable
+        drop_text, invert = rng.random() < self.text_drop_prob, rng.random() < self.invert_prob and k > 0
         q_img, q_mask = self._pair(self.cache, query, value, int(seeds[0]), flips=not alt)
         s_imgs = torch.zeros(self.k_max, 3, self.size, self.size)
         s_masks = torch.zeros(self.k_max, 1, self.size, self.size)
         for j, r in enumerate(supports):
             s_imgs[j], s_masks[j] = self._pair(sup_cache, r, value, int(seeds[j + 1]), flips=True)
+        if invert:
+            q_mask = 1 - q_mask
+            s_masks[:k] = 1 - s_masks[:k]
+        if drop_text or invert:
+            text = ""
         return {
             "query_image": q_img,
             "query_mask": q_mask,
@@ -232,6 +250,7 @@ class EpisodeDataset(_CacheItems):
             "dataset": name,
             "label": int(value),
             "stems": [qstem] + [sup_cache.stems[r] for r in supports],
+            "inverted": bool(invert),
         }
 
 

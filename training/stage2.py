@@ -65,6 +65,25 @@ class Stage2Task(nn.Module):
         return self.pipe.save_pretrained(path, extra={"stage": 2})
 
 
+def with_new_encoder(pipe: SegICLPipeline, overrides: dict[str, Any], seed: int = 0) -> SegICLPipeline:
+    """The stage-1 pipeline with a freshly initialised encoder built from its config updated by
+    ``overrides`` (``{"vision": {...}, "lm": {...}}``): one stage-1 decoder serves several encoder designs."""
+    from segicl.config import SegICLConfig
+    from segicl.encoder import MultimodalEncoder
+
+    bad = set(overrides) - {"vision", "lm"}
+    if bad:
+        raise ValueError(f"model.encoder may only override the 'vision' and 'lm' sections, got {sorted(bad)}")
+    d = pipe.config.to_dict()
+    for section, values in overrides.items():
+        d[section] = {**d[section], **dict(values)}
+    cfg = SegICLConfig.from_dict(d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = MultimodalEncoder(cfg)
+    return SegICLPipeline(encoder, pipe.condition_encoder, pipe.decoder, pipe.scheduler, cfg)
+
+
 def apply_lora(pipe: SegICLPipeline, lora: dict[str, Any]) -> None:
     """peft LoRA on the LM (paper preset); projectors, markers and slots stay fully trainable."""
     from peft import LoraConfig, get_peft_model
@@ -128,7 +147,9 @@ def episode_data(pipe: SegICLPipeline, config: dict[str, Any], data_dirs: Sequen
     train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
                               task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed + seed_offset,
                               augment=data_cfg.get("augment", True),
-                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)))
+                              alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)),
+                              text_drop_prob=float(data_cfg.get("text_drop_prob", 0.0)),
+                              invert_prob=float(data_cfg.get("invert_prob", 0.0)))
     per_task = int(data_cfg.get("val_per_task", 8))
     items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
                   for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
@@ -145,6 +166,8 @@ def build_stage2_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
     if not init:
         raise ValueError("stage 2 needs model.init: the stage-1 checkpoint directory (a saved pipeline)")
     pipe = SegICLPipeline.from_pretrained(init)
+    if mcfg.get("encoder"):
+        pipe = with_new_encoder(pipe, mcfg["encoder"], seed=int(train_cfg.get("seed", 0)))
     if mcfg.get("lora") or pipe.config.lm.lora:
         apply_lora(pipe, dict(mcfg.get("lora") or pipe.config.lm.lora))
     task = Stage2Task(pipe, train_cfg)
