@@ -47,6 +47,8 @@ def build_scheduler(cfg: SegICLConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=s.num_train_timesteps,
         beta_schedule=s.beta_schedule,
+        beta_start=s.beta_start,
+        beta_end=s.beta_end,
         prediction_type=s.prediction_type,
         clip_sample=cfg.decoder.space == "pixel",
         clip_sample_range=1.0,
@@ -111,10 +113,10 @@ class MaskDecoder(nn.Module):
             )
             channels, size = d.latent_channels, cfg.mask_size // 2 ** (n - 1)
         down = 2 ** (len(d.hint_channels) - 1)
-        if cfg.image_size // down != size:
+        if cfg.hint_size // down != size:
             raise ValueError(
-                f"the ControlNet hint embedding maps a {cfg.image_size}px image to {cfg.image_size // down}px, "
-                f"but the diffused mask is {size}px: set decoder.hint_channels to {int.bit_length(cfg.image_size // size)} entries"
+                f"the ControlNet hint embedding maps a {cfg.hint_size}px image to {cfg.hint_size // down}px, "
+                f"but the diffused mask is {size}px: set decoder.hint_channels to {int.bit_length(cfg.hint_size // size)} entries"
             )
         unet = UNet2DConditionModel(
             sample_size=size, in_channels=channels + d.cond_map_channels, out_channels=channels,
@@ -187,13 +189,21 @@ class MaskDecoder(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ denoiser
+    def hint(self, images: torch.Tensor) -> torch.Tensor:
+        """The ControlNet hint: the query image, resized to decoder.hint_size when that differs from it."""
+        size = self.cfg.hint_size
+        if images.shape[-1] == size and images.shape[-2] == size:
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
     def predict(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """The UNet output (noise, x0 or v) for noisy ``xt`` at timesteps ``t``."""
         if self.cond_map is not None:
             b, n, _ = cond.shape
             tiles = self.cond_map(cond).transpose(1, 2).reshape(b, -1, self.cond_grid, self.cond_grid)
             xt = torch.cat([xt, F.pixel_shuffle(tiles, self.cond_scale)], 1)
-        down, mid = self.controlnet(xt, t, encoder_hidden_states=cond, controlnet_cond=images, return_dict=False)
+        down, mid = self.controlnet(xt, t, encoder_hidden_states=cond, controlnet_cond=self.hint(images),
+                                    return_dict=False)
         return self.unet(xt, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 
