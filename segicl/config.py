@@ -5,9 +5,10 @@ encoder, diffusion decoder, scheduler, sampling defaults). Presets are data: JSO
 ``configs/model/<name>.json`` (``tiny``, ``small``, ``paper``), loaded with :func:`load_preset`.
 A saved pipeline carries its own config.json, so inference never needs the preset files.
 
-Fields that point at local weights (``vision.pretrained``, ``lm.pretrained``,
-``decoder.pretrained``) are only used by the paper preset; tiny and small are random-init models that
-train from scratch on CPU.
+Fields that point at local weights (``vision.pretrained``, ``lm.pretrained``, ``lm.tokenizer =
+"hf:<dir>"``, ``decoder.pretrained``) are only used by the paper preset and loaded by
+:mod:`segicl.pretrained`; there the size fields must match the checkpoints (checked on load). Tiny
+and small are random-init models that train from scratch on CPU.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ is the probability, their standard deviation the uncertainty.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -130,21 +129,12 @@ class MaskDecoder(nn.Module):
 
     @classmethod
     def from_stable_diffusion(cls, cfg: SegICLConfig) -> MaskDecoder:
-        """Paper preset: UNet and VAE of a local Stable Diffusion directory, ControlNet from the UNet.
+        """Paper preset: UNet and VAE of a local Stable Diffusion directory, ControlNet from the UNet
+        (:func:`segicl.pretrained.load_stable_diffusion`; checks condition.dim = the UNet's
+        cross-attention width, 768 for SD 1.5, and the latent / hint sizes)."""
+        from segicl.pretrained import load_stable_diffusion
 
-        The SD UNet cross-attends to 768-d tokens, so the condition width must be 768 (paper: 256 x 768).
-        """
-        root = Path(cfg.decoder.pretrained)
-        if cfg.decoder.cond_map_channels:
-            raise ValueError("a pretrained Stable Diffusion UNet takes 4 input channels: set decoder.cond_map_channels to 0")
-        if not (root / "unet").is_dir() or not (root / "vae").is_dir():
-            raise FileNotFoundError(f"{root}: expected a Stable Diffusion directory with unet/ and vae/")
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        if unet.config.cross_attention_dim != cfg.condition.dim:
-            raise ValueError(f"{root}/unet cross-attends to {unet.config.cross_attention_dim}-d tokens, "
-                             f"condition.dim is {cfg.condition.dim}")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.decoder.hint_channels))
+        unet, controlnet, vae = load_stable_diffusion(cfg)
         return cls(unet, controlnet, cfg, vae)
 
     def structure(self) -> dict[str, Any]:
