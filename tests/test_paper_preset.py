@@ -323,3 +323,25 @@ def test_vision_file_with_model_name(weights, tmp_path):
     with pytest.raises(ValueError, match="vision.model_name"):
         pretrained.load_vision_tower(_cfg(root, vision={"model_name": None,
                                                         "pretrained": str(root / "clip" / "open_clip_model.safetensors")}))
+
+
+def test_training_tasks_take_pairs_at_image_size(mini):
+    """The training data gives masks at image_size (56 here, 448 in the paper); the tasks resize them
+    to mask_size (64 / 512) for the condition encoder and the VAE."""
+    import copy
+
+    from training.stage1 import Stage1Task
+    from training.stage2 import Stage2Task
+    from training.stage3 import Stage3Task
+
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 56, 56) * 2 - 1
+    mask = torch.zeros(2, 1, 56, 56)
+    mask[:, :, 10:30, 20:40] = 1
+    loss = Stage1Task(copy.deepcopy(mini), {})({"image": img, "mask": mask})
+    assert torch.isfinite(loss["loss"])
+    episode = {"query_image": img, "query_mask": mask, "support_images": img[:, None], "support_masks": mask[:, None],
+               "num_supports": torch.tensor([1, 0]), "text": ["Segment the polyp.", ""]}
+    with torch.no_grad():
+        assert torch.isfinite(Stage2Task(copy.deepcopy(mini), {})(episode)["loss"])
+        assert torch.isfinite(Stage3Task(copy.deepcopy(mini), {})(episode)["loss"])
