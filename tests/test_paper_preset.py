@@ -345,3 +345,20 @@ def test_training_tasks_take_pairs_at_image_size(mini):
     with torch.no_grad():
         assert torch.isfinite(Stage2Task(copy.deepcopy(mini), {})(episode)["loss"])
         assert torch.isfinite(Stage3Task(copy.deepcopy(mini), {})(episode)["loss"])
+
+
+def test_sharded_lm_and_fp16_variant_layouts(weights, tmp_path):
+    """A sharded Qwen2 checkpoint (model-*.safetensors + index) and a UNet saved only as the diffusers
+    fp16 variant (diffusion_pytorch_model.fp16.safetensors), as in the SD 1.5 release."""
+    from transformers import Qwen2ForCausalLM
+
+    root, saved = weights
+    Qwen2ForCausalLM.from_pretrained(str(root / "qwen")).save_pretrained(tmp_path / "qwen", max_shard_size="100KB")
+    assert (tmp_path / "qwen" / "model.safetensors.index.json").is_file()
+    lm = pretrained.load_lm(_cfg(root, lm={"pretrained": str(tmp_path / "qwen")}), 257)
+    assert torch.equal(lm.layers[0].self_attn.q_proj.weight, saved["lm.layers.0.self_attn.q_proj.weight"])
+    shutil.copytree(root / "sd", tmp_path / "sd")
+    unet_dir = tmp_path / "sd" / "unet"
+    (unet_dir / "diffusion_pytorch_model.safetensors").rename(unet_dir / "diffusion_pytorch_model.fp16.safetensors")
+    unet, _, _ = pretrained.load_stable_diffusion(_cfg(root, decoder={"pretrained": str(tmp_path / "sd")}))
+    assert torch.equal(unet.conv_in.weight, saved["unet.conv_in.weight"])
