@@ -5,9 +5,10 @@ encoder, diffusion decoder, scheduler, sampling defaults). Presets are data: JSO
 ``configs/model/<name>.json`` (``tiny``, ``small``, ``paper``), loaded with :func:`load_preset`.
 A saved pipeline carries its own config.json, so inference never needs the preset files.
 
-Fields that point at local weights (``vision.pretrained``, ``lm.pretrained``,
-``decoder.pretrained``) are only used by the paper preset; tiny and small are random-init models that
-train from scratch on CPU.
+Fields that point at local weights (``vision.pretrained``, ``lm.pretrained``, ``lm.tokenizer =
+"hf:<dir>"``, ``decoder.pretrained``) are only used by the paper preset and loaded by
+:mod:`segicl.pretrained`; there the size fields must match the checkpoints (checked on load). Tiny
+and small are random-init models that train from scratch on CPU.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ class DecoderConfig:
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
     norm_num_groups: int = 16
     hint_channels: tuple[int, ...] = (16, 32)  # ControlNet hint embedding; len-1 stride-2 downsamples
+    # ControlNet hint resolution (the query image is resized to it); None = image_size. The paper preset
+    # needs 512 (SD's ControlNet embeds the hint to the 64 x 64 latent) while its ViT sees 448 px.
+    hint_size: int | None = None
     vae_block_out_channels: tuple[int, ...] = (32, 64)
     latent_channels: int = 4
     pretrained: str | None = None  # local Stable Diffusion directory (unet/, vae/) for the paper preset
@@ -97,6 +101,8 @@ class DecoderConfig:
 class SchedulerConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
+    beta_start: float = 0.0001  # used by "linear" / "scaled_linear" (SD 1.5: 0.00085 - 0.012); the
+    beta_end: float = 0.02  # defaults are diffusers' DDPMScheduler defaults, so older configs load unchanged
     prediction_type: str = "sample"  # "epsilon" (paper eq. 6), "sample" or "v_prediction"
     sampler: str = "ddim"  # "ddim" or "dpm" (DPMSolverMultistepScheduler)
     num_inference_steps: int = 10
@@ -141,7 +147,17 @@ class SegICLConfig:
             raise ValueError(f"scheduler.sampler must be 'ddim' or 'dpm', not {self.scheduler.sampler!r}")
         if self.decoder.space == "pixel" and self.mask_size % self.decoder.unshuffle:
             raise ValueError("mask_size must be a multiple of decoder.unshuffle")
+        if self.decoder.hint_size is not None and self.decoder.hint_size < 1:
+            raise ValueError(f"decoder.hint_size must be a positive size or null, not {self.decoder.hint_size}")
+        if self.decoder.pretrained and (self.decoder.space != "latent" or self.decoder.cond_map_channels):
+            raise ValueError("decoder.pretrained (a Stable Diffusion directory) needs decoder.space 'latent' and "
+                             "decoder.cond_map_channels 0 (the SD UNet takes the 4-channel latent only)")
         return self
+
+    @property
+    def hint_size(self) -> int:
+        """Resolution of the ControlNet hint (decoder.hint_size, or image_size when unset)."""
+        return self.decoder.hint_size or self.image_size
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -196,13 +212,26 @@ def preset_names() -> list[str]:
     return sorted(names)
 
 
+def merge_overrides(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied; a section given as a dict (``{"lm": {"pretrained": "x"}}``)
+    changes only the fields it names, everything else keeps the base value."""
+    out = copy.deepcopy(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge_overrides(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
 def load_preset(name: str, **overrides: Any) -> SegICLConfig:
-    """The preset ``name`` (configs/model/<name>.json), with top-level ``overrides``."""
+    """The preset ``name`` (configs/model/<name>.json) with ``overrides`` merged in: top-level fields
+    are replaced, section dicts are merged field by field (see :func:`merge_overrides`)."""
     for d in PRESET_DIRS:
         path = d / f"{name}.json"
         if path.is_file():
             cfg = SegICLConfig.load(path)
             if overrides:
-                cfg = SegICLConfig.from_dict({**cfg.to_dict(), **overrides})
+                cfg = SegICLConfig.from_dict(merge_overrides(cfg.to_dict(), overrides))
             return cfg
     raise ValueError(f"unknown model preset {name!r}; available: {preset_names()}")

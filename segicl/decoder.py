@@ -23,7 +23,6 @@ is the probability, their standard deviation the uncertainty.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,6 +46,8 @@ def build_scheduler(cfg: SegICLConfig) -> DDPMScheduler:
     return DDPMScheduler(
         num_train_timesteps=s.num_train_timesteps,
         beta_schedule=s.beta_schedule,
+        beta_start=s.beta_start,
+        beta_end=s.beta_end,
         prediction_type=s.prediction_type,
         clip_sample=cfg.decoder.space == "pixel",
         clip_sample_range=1.0,
@@ -111,10 +112,10 @@ class MaskDecoder(nn.Module):
             )
             channels, size = d.latent_channels, cfg.mask_size // 2 ** (n - 1)
         down = 2 ** (len(d.hint_channels) - 1)
-        if cfg.image_size // down != size:
+        if cfg.hint_size // down != size:
             raise ValueError(
-                f"the ControlNet hint embedding maps a {cfg.image_size}px image to {cfg.image_size // down}px, "
-                f"but the diffused mask is {size}px: set decoder.hint_channels to {int.bit_length(cfg.image_size // size)} entries"
+                f"the ControlNet hint embedding maps a {cfg.hint_size}px image to {cfg.hint_size // down}px, "
+                f"but the diffused mask is {size}px: set decoder.hint_channels to {int.bit_length(cfg.hint_size // size)} entries"
             )
         unet = UNet2DConditionModel(
             sample_size=size, in_channels=channels + d.cond_map_channels, out_channels=channels,
@@ -128,21 +129,12 @@ class MaskDecoder(nn.Module):
 
     @classmethod
     def from_stable_diffusion(cls, cfg: SegICLConfig) -> MaskDecoder:
-        """Paper preset: UNet and VAE of a local Stable Diffusion directory, ControlNet from the UNet.
+        """Paper preset: UNet and VAE of a local Stable Diffusion directory, ControlNet from the UNet
+        (:func:`segicl.pretrained.load_stable_diffusion`; checks condition.dim = the UNet's
+        cross-attention width, 768 for SD 1.5, and the latent / hint sizes)."""
+        from segicl.pretrained import load_stable_diffusion
 
-        The SD UNet cross-attends to 768-d tokens, so the condition width must be 768 (paper: 256 x 768).
-        """
-        root = Path(cfg.decoder.pretrained)
-        if cfg.decoder.cond_map_channels:
-            raise ValueError("a pretrained Stable Diffusion UNet takes 4 input channels: set decoder.cond_map_channels to 0")
-        if not (root / "unet").is_dir() or not (root / "vae").is_dir():
-            raise FileNotFoundError(f"{root}: expected a Stable Diffusion directory with unet/ and vae/")
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        if unet.config.cross_attention_dim != cfg.condition.dim:
-            raise ValueError(f"{root}/unet cross-attends to {unet.config.cross_attention_dim}-d tokens, "
-                             f"condition.dim is {cfg.condition.dim}")
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae")
-        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=tuple(cfg.decoder.hint_channels))
+        unet, controlnet, vae = load_stable_diffusion(cfg)
         return cls(unet, controlnet, cfg, vae)
 
     def structure(self) -> dict[str, Any]:
@@ -187,13 +179,21 @@ class MaskDecoder(nn.Module):
         return ((x + 1) / 2).clamp(0, 1)
 
     # ------------------------------------------------------------------ denoiser
+    def hint(self, images: torch.Tensor) -> torch.Tensor:
+        """The ControlNet hint: the query image, resized to decoder.hint_size when that differs from it."""
+        size = self.cfg.hint_size
+        if images.shape[-1] == size and images.shape[-2] == size:
+            return images
+        return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
     def predict(self, xt: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
         """The UNet output (noise, x0 or v) for noisy ``xt`` at timesteps ``t``."""
         if self.cond_map is not None:
             b, n, _ = cond.shape
             tiles = self.cond_map(cond).transpose(1, 2).reshape(b, -1, self.cond_grid, self.cond_grid)
             xt = torch.cat([xt, F.pixel_shuffle(tiles, self.cond_scale)], 1)
-        down, mid = self.controlnet(xt, t, encoder_hidden_states=cond, controlnet_cond=images, return_dict=False)
+        down, mid = self.controlnet(xt, t, encoder_hidden_states=cond, controlnet_cond=self.hint(images),
+                                    return_dict=False)
         return self.unet(xt, t, encoder_hidden_states=cond, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample
 

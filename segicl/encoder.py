@@ -62,8 +62,11 @@ class HFTokenizer:
         from transformers import AutoTokenizer
 
         if not Path(path).is_dir():
-            raise FileNotFoundError(f"{path}: tokenizer directory not found")
-        self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+            raise FileNotFoundError(f"lm.tokenizer = 'hf:{path}': tokenizer directory not found")
+        try:
+            self.tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise FileNotFoundError(f"lm.tokenizer = 'hf:{path}': no usable tokenizer there ({e})") from None
         self.vocab_size = len(self.tok)
         self.name = f"hf:{path}"
 
@@ -80,18 +83,15 @@ def build_tokenizer(spec: str):
 
 
 def build_vision_tower(cfg: SegICLConfig) -> nn.Module:
-    """open_clip vision tower returning (pooled, tokens)."""
-    import open_clip
+    """open_clip vision tower returning (pooled, tokens): random init from the config, or the local
+    checkpoint of ``vision.pretrained`` (paper preset; :func:`segicl.pretrained.load_vision_tower`)."""
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     v = cfg.vision
-    if v.model_name:
-        if not v.pretrained or not Path(v.pretrained).exists():
-            raise FileNotFoundError(f"vision.pretrained {v.pretrained!r}: local open_clip checkpoint not found")
-        model = open_clip.create_model(v.model_name, pretrained=v.pretrained)
-        visual = model.visual
-        visual.output_tokens = True
-        return visual
+    if v.model_name or v.pretrained:
+        from segicl.pretrained import load_vision_tower
+
+        return load_vision_tower(cfg)
     vcfg = CLIPVisionCfg(layers=v.layers, width=v.width, head_width=v.width // v.heads, mlp_ratio=v.mlp_ratio,
                          patch_size=v.patch_size, image_size=cfg.image_size, output_tokens=True)
     return _build_vision_tower(v.embed_dim, vcfg)
@@ -100,9 +100,9 @@ def build_vision_tower(cfg: SegICLConfig) -> nn.Module:
 def build_lm(cfg: SegICLConfig, vocab_size: int) -> Qwen2Model:
     lm = cfg.lm
     if lm.pretrained:
-        if not Path(lm.pretrained).is_dir():
-            raise FileNotFoundError(f"lm.pretrained {lm.pretrained!r}: local Qwen2 directory not found")
-        return Qwen2Model.from_pretrained(lm.pretrained, local_files_only=True)
+        from segicl.pretrained import load_lm
+
+        return load_lm(cfg, vocab_size)
     qcfg = Qwen2Config(
         vocab_size=vocab_size, hidden_size=lm.hidden_size, num_hidden_layers=lm.num_hidden_layers,
         num_attention_heads=lm.num_attention_heads, num_key_value_heads=lm.num_key_value_heads,
@@ -141,6 +141,9 @@ class MultimodalEncoder(nn.Module):
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
     def _vision_width(self) -> int:
+        tr = getattr(self.vision, "transformer", None)
+        if getattr(self.vision, "attn_pool", "absent") is None and hasattr(tr, "width"):
+            return tr.width  # open_clip ViT: tokens are the transformer width (no forward of a 2B tower on CPU)
         with torch.no_grad():
             s = self.cfg.image_size
             _, tokens = self.vision(torch.zeros(1, 3, s, s))

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
 
 from segicl.data import SegDataset
@@ -28,6 +29,16 @@ def adamw_with_schedule(params, train_cfg: dict[str, Any], default_lr: float):
     opt = torch.optim.AdamW(params, lr=float(train_cfg.get("lr", default_lr)),
                             weight_decay=float(train_cfg.get("weight_decay", 0.01)))
     return opt, lr_schedule(opt, train_cfg)
+
+
+def at_mask_size(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Masks (..., 1, H, W) at the model's mask_size. The training datasets give pairs at image_size;
+    presets whose masks are larger (paper: 448 px images, 512 px masks) get them resized (nearest)."""
+    if masks.shape[-2:] == (size, size) or masks.numel() == 0:
+        return masks
+    flat = masks.reshape(-1, *masks.shape[-3:]).float()
+    out = F.interpolate(flat, size=(size, size), mode="nearest-exact").to(masks.dtype)
+    return out.reshape(*masks.shape[:-2], size, size)
 
 
 def batch_dice(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> list[float]:

@@ -24,7 +24,7 @@ from torch import nn
 
 from segicl.config import load_preset
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule, batch_dice, val_items
+from training.common import adamw_with_schedule, at_mask_size, batch_dice, val_items
 
 
 class Stage1Task(nn.Module):
@@ -36,7 +36,7 @@ class Stage1Task(nn.Module):
         self.train_cfg = train_cfg
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        images, masks = batch["image"], batch["mask"]
+        images, masks = batch["image"], at_mask_size(batch["mask"], self.pipe.config.mask_size)
         d = self.pipe.config.decoder
         cond = self.condition_encoder(masks)
         return self.decoder.loss(images, masks, cond, self.pipe.scheduler, d.cond_dropout, d.cond_noise)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule, batch_dice, val_items
+from training.common import adamw_with_schedule, at_mask_size, batch_dice, val_items
 
 
 class Stage2Task(nn.Module):
@@ -39,8 +39,9 @@ class Stage2Task(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         ce = self._frozen[0]
-        q, qm = batch["query_image"], batch["query_mask"]
-        simg, smask = batch["support_images"], batch["support_masks"]
+        m = self.pipe.config.mask_size
+        q, qm = batch["query_image"], at_mask_size(batch["query_mask"], m)
+        simg, smask = batch["support_images"], at_mask_size(batch["support_masks"], m)
         ks = batch["num_supports"]
         b, k = simg.shape[:2]
         with torch.no_grad():

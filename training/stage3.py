@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule
+from training.common import adamw_with_schedule, at_mask_size
 from training.stage2 import episode_data
 
 
@@ -39,8 +39,9 @@ class Stage3Task(nn.Module):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         enc, ce = self._frozen
-        q, qm = batch["query_image"], batch["query_mask"]
-        simg, smask, ks = batch["support_images"], batch["support_masks"], batch["num_supports"]
+        m = self.pipe.config.mask_size
+        q, qm = batch["query_image"], at_mask_size(batch["query_mask"], m)
+        simg, smask, ks = batch["support_images"], at_mask_size(batch["support_masks"], m), batch["num_supports"]
         b, k = simg.shape[:2]
         with torch.no_grad():
             c = ce(qm)
