@@ -31,6 +31,21 @@ only one empty                   0      0    NaN     0
 NaN means undefined: :class:`MetricAccumulator` excludes it from means and counts it separately.
 HD95 with one empty side is NaN (MONAI returns inf), never a made-up large number and never 0.
 NSD with one empty side is 0 as in MONAI: no boundary pixel lies within tolerance of the other.
+
+Uncertainty (a method's per-pixel uncertainty map, e.g. SegICL's std over diffusion samples),
+measured against the thresholded prediction and the ground truth by :func:`uncertainty_metrics`:
+
+- **unc_mean**: the mean uncertainty over the pixels of predicted foreground ∪ ground-truth
+  foreground. Averaging over the whole image would let the easy background (most of the pixels,
+  near-zero uncertainty) dilute the number and make it mostly a measure of object size. Every
+  misclassified pixel lies in that union (an error is ``pred != gt``). NaN when both masks are empty.
+- **unc_auroc**: pixel-level AUROC of the uncertainty for separating misclassified pixels from
+  correct ones over the whole image (rank-based, ties count one half: :func:`auroc`). 1 means every
+  error is more uncertain than every correct pixel, 0.5 chance. NaN when there is no error, no
+  correct pixel, or the uncertainty is constant.
+
+A method without uncertainty (None) or with an all-zero map (SegICL with one sample) gets None for
+both: nothing was measured, which differs from NaN (measured but undefined).
 """
 
 from __future__ import annotations
@@ -42,9 +57,13 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.ndimage import binary_erosion
 from scipy.spatial import cKDTree
+from scipy.stats import rankdata
 
 METRICS = ("dice", "iou", "hd95", "nsd")
 """Names of the metrics :func:`compute_metrics` returns, in column order."""
+
+UNCERTAINTY_METRICS = ("unc_mean", "unc_auroc")
+"""Names of the uncertainty measures :func:`uncertainty_metrics` returns, in column order."""
 
 DEFAULT_NSD_TOLERANCE = 2.0
 """NSD tolerance in pixels (at the stored resolution) when none is given."""
@@ -217,6 +236,69 @@ def compute_metrics(
         "hd95": hd95(p, t, spacing),
         "nsd": nsd(p, t, nsd_tolerance, spacing),
     }
+
+
+# ---------------------------------------------------------------------------------- uncertainty
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve of ``scores`` for telling ``labels`` True from False.
+
+    The Mann-Whitney form ``(R_pos - n_pos (n_pos + 1) / 2) / (n_pos n_neg)`` with ``R_pos`` the sum
+    of the positives' ranks among all scores (average ranks for ties), i.e. the probability that a
+    random positive scores above a random negative, ties counting one half.
+
+    Args:
+        scores: any shape, finite.
+        labels: same shape, bool (True: positive).
+
+    Returns:
+        A float in [0, 1]; NaN when there is no positive, no negative, or the scores are constant.
+    """
+    s = np.asarray(scores, dtype=np.float64).ravel()
+    y = np.asarray(labels, dtype=bool).ravel()
+    if s.shape != y.shape:
+        raise ValueError(f"scores and labels must have the same size, got {s.size} and {y.size}")
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0 or s.min() == s.max():
+        return math.nan
+    rank_sum = float(rankdata(s)[y].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg)
+
+
+def uncertainty_mean(uncertainty: np.ndarray, pred: np.ndarray, target: np.ndarray) -> float:
+    """Mean of ``uncertainty`` over predicted ∪ ground-truth foreground; NaN when both are empty."""
+    p, t = _check_pair(pred, target)
+    region = p | t
+    if not region.any():
+        return math.nan
+    return float(np.asarray(uncertainty, dtype=np.float64)[region].mean())
+
+
+def uncertainty_metrics(
+    uncertainty: np.ndarray | None, pred: np.ndarray, target: np.ndarray
+) -> dict[str, float | None]:
+    """``{"unc_mean", "unc_auroc"}`` of one prediction (definitions in the module docstring).
+
+    Args:
+        uncertainty: (H, W) per-pixel uncertainty of the prediction, or None.
+        pred: (H, W) binary prediction (the thresholded probability).
+        target: (H, W) binary ground truth.
+
+    Returns:
+        Both None when ``uncertainty`` is None or all zero (nothing was measured); otherwise floats,
+        NaN where undefined.
+    """
+    p, t = _check_pair(pred, target)
+    if uncertainty is None:
+        return dict.fromkeys(UNCERTAINTY_METRICS)
+    u = np.asarray(uncertainty, dtype=np.float64)
+    if u.shape != p.shape:
+        raise ValueError(f"uncertainty must have the masks' shape {p.shape}, got {u.shape}")
+    if not np.isfinite(u).all():
+        raise ValueError("uncertainty contains NaN or inf")
+    if not u.any():
+        return dict.fromkeys(UNCERTAINTY_METRICS)
+    return {"unc_mean": uncertainty_mean(u, p, t), "unc_auroc": auroc(u, p != t)}
 
 
 # ----------------------------------------------------------------------------------- accumulator

@@ -9,6 +9,17 @@ Statistics of one group (dataset, label, method, k, supports):
    values (``*_nan``: HD95/NSD where a mask is empty, see :mod:`eval.metrics`), and a percentile
    bootstrap interval of the mean (``resamples`` resamples of the images, a generator seeded from
    the bootstrap seed and the group, so the interval does not depend on row order).
+
+Uncertainty analysis (:func:`uncertainty_summary`; only rows whose method measured an uncertainty,
+see :func:`eval.metrics.uncertainty_metrics`) per (dataset, method, k, supports), over the images
+(label, stem) of the group, draws of one image averaged first:
+
+- Spearman correlation between an image's ``unc_mean`` and its Dice (negative: the more uncertain
+  images are segmented worse);
+- mean Dice of the least and of the most uncertain ``fraction`` (10 %) of the images by
+  ``unc_mean``, at least one image each, and their difference ``dice_gap`` = least - most
+  (positive: uncertainty flags the bad images);
+- the mean pixel-level ``unc_auroc`` (does uncertainty mark the wrong pixels within an image).
 """
 
 from __future__ import annotations
@@ -22,11 +33,11 @@ from typing import Any
 import numpy as np
 
 from eval.methods import derive_seed
-from eval.metrics import METRICS
+from eval.metrics import METRICS, UNCERTAINTY_METRICS
 
 RESULT_COLUMNS = [
     "dataset", "label", "label_value", "stem", "method", "k", "supports", "draw", "support_stems",
-    "dice", "iou", "hd95", "nsd", "seconds", "error",
+    "dice", "iou", "hd95", "nsd", *UNCERTAINTY_METRICS, "seconds", "error",
 ]  # fmt: skip
 """Columns of results.csv: one row per (dataset, label, stem, method, k, supports, draw)."""
 
@@ -40,6 +51,16 @@ SUMMARY_COLUMNS = [
 
 LOO_COLUMNS = ["method", "k", "supports", "datasets", "dice_mean", "dice_min", "dice_max", "per_dataset"]
 """Columns of loo.csv: per (method, k, supports), Dice averaged over the held-out datasets."""
+
+UNCERTAINTY_GROUP = ["dataset", "method", "k", "supports"]
+UNCERTAINTY_COLUMNS = [
+    *UNCERTAINTY_GROUP, "n", "spearman_rho", "spearman_p", "n_tail", "dice_least_uncertain",
+    "dice_most_uncertain", "dice_gap", "unc_mean_mean", "unc_auroc_mean", "unc_auroc_n",
+]  # fmt: skip
+"""Columns of uncertainty.csv: per (dataset, method, k, supports), see :func:`uncertainty_summary`."""
+
+UNCERTAINTY_FRACTION = 0.1
+"""Share of the images in each tail (most / least uncertain) of the decile comparison."""
 
 METRIC_TITLES = {"dice": "Dice", "iou": "IoU", "hd95": "HD95 (px)", "nsd": "NSD"}
 
@@ -67,12 +88,17 @@ def write_csv(rows: Iterable[dict], path: Path, columns: Sequence[str]) -> Path:
 
 
 def read_results(path: Path) -> list[dict[str, Any]]:
-    """Read results.csv back: metrics and seconds as floats (NaN for ``nan``), draw as int."""
+    """Read results.csv back: metrics and seconds as floats (NaN for ``nan``), draw as int.
+
+    The uncertainty columns are floats, or None where empty (not measured, or an older file).
+    """
     rows = []
     with open(path, newline="", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
             for m in (*METRICS, "seconds"):
                 row[m] = float(row[m]) if row[m] not in ("", None) else math.nan
+            for m in UNCERTAINTY_METRICS:
+                row[m] = float(row[m]) if row.get(m) not in ("", None) else None
             row["draw"] = int(row["draw"])
             rows.append(row)
     return rows
@@ -182,6 +208,121 @@ def loo_summary(summary: Sequence[dict]) -> list[dict[str, Any]]:
             "per_dataset": ";".join(f"{d}={v:.4f}" for d, v in by_ds.items()),
         })  # fmt: skip
     return rows
+
+
+# ------------------------------------------------------------------------------- uncertainty
+def uncertainty_points(rows: Sequence[dict]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Per (dataset, method, k, supports): one point per image with a measured uncertainty.
+
+    Rows with an error or without uncertainty (``unc_mean`` None or absent) are left out. An image is
+    a (label, stem) pair; its draws are averaged (NaN-aware). Points are sorted by (label, stem) and
+    groups keep their order of first appearance.
+
+    Returns:
+        ``{group: [{"label", "stem", "unc_mean", "dice", "unc_auroc"}, ...]}``.
+    """
+    per_image: dict[tuple[str, ...], dict[tuple[str, str], list[dict]]] = {}
+    for row in rows:
+        if row.get("error") or row.get("unc_mean") in ("", None):
+            continue
+        key = tuple(str(row[c]) for c in UNCERTAINTY_GROUP)
+        per_image.setdefault(key, {}).setdefault((str(row["label"]), str(row["stem"])), []).append(row)
+    out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for key, images in per_image.items():
+        out[key] = [
+            {"label": label, "stem": stem,
+             **{m: _nanmean([_float(r.get(m)) for r in draws]) for m in ("unc_mean", "dice", "unc_auroc")}}
+            for (label, stem), draws in sorted(images.items())
+        ]  # fmt: skip
+    return out
+
+
+def _float(value: Any) -> float:
+    return math.nan if value in ("", None) else float(value)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Spearman's rho and its two-sided p-value (``scipy.stats.spearmanr``).
+
+    ``(nan, nan)`` with fewer than 3 pairs or when either side is constant.
+    """
+    from scipy.stats import spearmanr
+
+    a, b = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    if a.size < 3 or np.ptp(a) == 0 or np.ptp(b) == 0:
+        return math.nan, math.nan
+    res = spearmanr(a, b)
+    return float(res.statistic), float(res.pvalue)
+
+
+def tail_dice(unc: Sequence[float], dice_values: Sequence[float], fraction: float = UNCERTAINTY_FRACTION
+              ) -> tuple[int, float, float]:
+    """Mean Dice of the least and of the most uncertain ``fraction`` of the images.
+
+    Each tail holds ``max(1, floor(fraction * n))`` images; with ties in uncertainty the earlier
+    image (input order) counts as less uncertain, so the result is deterministic.
+
+    Returns:
+        ``(n_tail, dice_least_uncertain, dice_most_uncertain)``; NaNs with n_tail 0 when n < 2.
+    """
+    if not 0.0 < fraction <= 0.5:
+        raise ValueError(f"fraction must be in (0, 0.5], got {fraction}")
+    u, d = np.asarray(unc, dtype=np.float64), np.asarray(dice_values, dtype=np.float64)
+    if u.size < 2:
+        return 0, math.nan, math.nan
+    n_tail = max(1, math.floor(fraction * u.size + 1e-9))
+    order = np.argsort(u, kind="stable")
+    return n_tail, float(d[order[:n_tail]].mean()), float(d[order[-n_tail:]].mean())
+
+
+def uncertainty_summary(rows: Sequence[dict], fraction: float = UNCERTAINTY_FRACTION) -> list[dict[str, Any]]:
+    """Does uncertainty flag the bad images? Rows of :data:`UNCERTAINTY_COLUMNS` (module docstring).
+
+    ``n`` counts the images with a finite ``unc_mean`` and Dice (those ranked);
+    ``unc_auroc_n`` those with a finite pixel AUROC. Empty when no row measured an uncertainty.
+    """
+    out = []
+    for key, points in uncertainty_points(rows).items():
+        ranked = [p for p in points if math.isfinite(p["unc_mean"]) and math.isfinite(p["dice"])]
+        unc = [p["unc_mean"] for p in ranked]
+        dice_values = [p["dice"] for p in ranked]
+        rho, pval = spearman(unc, dice_values)
+        n_tail, least, most = tail_dice(unc, dice_values, fraction)
+        aurocs = [p["unc_auroc"] for p in points if math.isfinite(p["unc_auroc"])]
+        out.append({
+            **dict(zip(UNCERTAINTY_GROUP, key)), "n": len(ranked), "spearman_rho": rho, "spearman_p": pval,
+            "n_tail": n_tail, "dice_least_uncertain": least, "dice_most_uncertain": most, "dice_gap": least - most,
+            "unc_mean_mean": float(np.mean(unc)) if unc else math.nan,
+            "unc_auroc_mean": float(np.mean(aurocs)) if aurocs else math.nan, "unc_auroc_n": len(aurocs),
+        })  # fmt: skip
+    return out
+
+
+def uncertainty_markdown(rows: Sequence[dict], fraction: float = UNCERTAINTY_FRACTION) -> str:
+    """Markdown of :func:`uncertainty_summary` with a note on what each column means."""
+    head = ["dataset", "method", "k", "supports", "n", "Spearman ρ (unc, Dice)", "p",
+            f"Dice least unc. {fraction:.0%}", f"Dice most unc. {fraction:.0%}", "gap", "tail n",
+            "mean unc", "pixel AUROC", "AUROC n"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+
+    def f(v: float, digits: int = 3) -> str:
+        return f"{v:.{digits}f}" if math.isfinite(v) else "–"
+
+    for r in rows:
+        cells = [r["dataset"], r["method"], str(r["k"]) if r["k"] not in (None, "") else "–", r["supports"],
+                 str(r["n"]), f(r["spearman_rho"]), f"{r['spearman_p']:.2g}" if math.isfinite(r["spearman_p"]) else "–",
+                 f(r["dice_least_uncertain"]), f(r["dice_most_uncertain"]), f(r["dice_gap"]), str(r["n_tail"]),
+                 f(r["unc_mean_mean"], 4), f(r["unc_auroc_mean"]), str(r["unc_auroc_n"])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "\nPer image (label, stem; draws averaged): `unc_mean` = mean uncertainty over predicted ∪ true "
+        "foreground. ρ: Spearman correlation of unc_mean with Dice over the n images (negative = uncertain "
+        f"images are worse). Dice least/most unc.: mean Dice of the {fraction:.0%} of images (at least 1, "
+        "'tail n') with the lowest / highest unc_mean; gap = least − most (positive = uncertainty flags the "
+        "bad images). Pixel AUROC: how well the uncertainty separates misclassified from correct pixels "
+        "within an image (0.5 = chance), averaged over images where it is defined.\n"
+    )
+    return "\n".join(lines) + "\n" + note
 
 
 # ---------------------------------------------------------------------------------- markdown
@@ -321,6 +462,47 @@ def plot_dice_vs_k(summary: Sequence[dict], path: Path) -> Path:
     fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
                frameon=False)
     fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_uncertainty(points: dict[tuple[str, ...], list[dict[str, Any]]], path: Path) -> Path:
+    """Scatter of Dice against ``unc_mean``, one panel per dataset, one colour per (method, k, supports).
+
+    Args:
+        points: :func:`uncertainty_points` (images with a non-finite value are not drawn).
+        path: PNG to write.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(dict.fromkeys(key[0] for key in points))
+    if not datasets:
+        raise ValueError("nothing to plot: no uncertainty measured")
+    ncol = min(len(datasets), 4)
+    nrow = math.ceil(len(datasets) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.4 * nrow), squeeze=False)
+    for ax, dataset in zip(axes.flat, datasets):
+        for (ds, method, k, supports), pts in points.items():
+            if ds != dataset:
+                continue
+            ok = [p for p in pts if math.isfinite(p["unc_mean"]) and math.isfinite(p["dice"])]
+            k_txt = f" k={k}" if k not in ("", "None") else ""
+            ax.scatter([p["unc_mean"] for p in ok], [p["dice"] for p in ok], s=10, alpha=0.6,
+                       label=f"{method}{k_txt} ({supports})")
+        ax.set_title(dataset, fontsize=9)
+        ax.set_xlabel("mean uncertainty (pred ∪ gt)")
+        ax.set_ylabel("Dice")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(datasets):]:
+        ax.axis("off")
+    fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)

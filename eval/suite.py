@@ -50,7 +50,7 @@ import numpy as np
 
 from eval import report
 from eval.methods import Method, build_method, derive_seed, method_class, parse_spec
-from eval.metrics import DEFAULT_NSD_TOLERANCE, compute_metrics
+from eval.metrics import DEFAULT_NSD_TOLERANCE, UNCERTAINTY_METRICS, compute_metrics, uncertainty_metrics
 from segicl import CONFIGS_DIR, REPO_DIR
 from segicl.data import Sample, SegDataset, load_dataset
 
@@ -254,6 +254,8 @@ def _check_prediction(prob: Any, unc: Any, mask: np.ndarray) -> tuple[np.ndarray
         unc = np.asarray(unc, dtype=np.float32)
         if unc.shape != mask.shape:
             raise ValueError(f"uncertainty shape {unc.shape} differs from the mask's stored shape {mask.shape}")
+        if not np.isfinite(unc).all():
+            raise ValueError("uncertainty contains NaN or inf")
     return prob, unc
 
 
@@ -373,7 +375,8 @@ class Runner:
                     "dataset": ds.name, "label": task.label_name, "label_value": task.label_value,
                     "stem": query.stem, "method": spec, "k": "" if job.k is None else job.k,
                     "supports": job.policy, "draw": job.draw, "support_stems": "",
-                    **{m: math.nan for m in ("dice", "iou", "hd95", "nsd", "seconds")}, "error": "",
+                    **{m: math.nan for m in ("dice", "iou", "hd95", "nsd", "seconds")},
+                    **dict.fromkeys(UNCERTAINTY_METRICS), "error": "",
                 }  # fmt: skip
                 prob = unc = None
                 supports: list[Sample] = []
@@ -393,7 +396,9 @@ class Runner:
                         prob, unc = method.predict(query, supports, text, seed)
                         row["seconds"] = time.perf_counter() - t0
                         prob, unc = _check_prediction(prob, unc, query.mask)
-                        row.update(compute_metrics(prob >= self.threshold, query.mask, nsd_tolerance=self.nsd_tolerance))
+                        pred = prob >= self.threshold
+                        row.update(compute_metrics(pred, query.mask, nsd_tolerance=self.nsd_tolerance))
+                        row.update(uncertainty_metrics(unc, pred, query.mask))
                     except Exception as exc:  # noqa: BLE001 - recorded in results.csv, the run goes on
                         row["error"] = _one_line(exc)
                         prob = unc = None
@@ -484,7 +489,8 @@ def _versions() -> dict[str, str | None]:
 
 
 def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
-    """summary.csv, summary.md, dice_vs_k.png, qualitative.png, loo.* (under LOO) and run.json."""
+    """summary.csv, summary.md, dice_vs_k.png, qualitative.png, loo.* (under LOO), uncertainty.* (when a
+    method measured an uncertainty) and run.json."""
     cfg = runner.cfg
     out = Path(cfg.out)
     bcfg = cfg.config.get("bootstrap") or {}
@@ -500,6 +506,13 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
         loo = report.loo_summary(summary)
         paths["loo"] = report.write_csv(loo, out / "loo.csv", report.LOO_COLUMNS)
         md += ["\n## Leave-one-dataset-out: mean Dice over held-out datasets\n", report.loo_markdown(loo)]
+    uncertainty = report.uncertainty_summary(runner.rows)
+    if uncertainty:
+        paths["uncertainty"] = report.write_csv(uncertainty, out / "uncertainty.csv", report.UNCERTAINTY_COLUMNS)
+        paths["uncertainty_png"] = report.plot_uncertainty(report.uncertainty_points(runner.rows),
+                                                           out / "uncertainty.png")
+        md += ["\n## Uncertainty: does it flag the bad images and the wrong pixels?\n",
+               report.uncertainty_markdown(uncertainty)]
     paths["summary_md"] = out / "summary.md"
     paths["summary_md"].write_text("\n".join(x for x in md if x), encoding="utf-8")
     if summary:
@@ -537,7 +550,8 @@ def run_suite(cfg: SuiteConfig, methods: dict[str, Method] | None = None,
             (default: :func:`build_store`).
 
     Returns:
-        The written files by name (results, summary, summary_md, dice_vs_k, qualitative, run, loo).
+        The written files by name (results, summary, summary_md, dice_vs_k, qualitative, run, loo,
+        uncertainty, uncertainty_png).
     """
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()

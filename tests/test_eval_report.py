@@ -129,3 +129,65 @@ def test_dataset_pivot_table() -> None:
     assert lines[0] == "| method | k | supports | A | B | mean |"
     assert lines[2] == "| segicl | 1 | random | 0.500 | 0.700 | 0.600 |"
     assert lines[3] == "| unet_supervised | – | train | 0.900 | – | – |"  # not run on B: no mean
+
+
+# ---------------------------------------------------------------------------------- uncertainty
+def _unc_row(stem: str, dice: float, unc_mean, unc_auroc=0.8, draw: int = 0, **kw) -> dict:
+    return _row(stem, dice, draw=draw, unc_mean=unc_mean, unc_auroc=unc_auroc, **kw)
+
+
+def test_tail_dice_and_spearman_hand_computed() -> None:
+    unc = [0.5, 0.1, 0.9, 0.3]
+    dice = [0.6, 0.9, 0.2, 0.8]
+    assert report.tail_dice(unc, dice, 0.1) == (1, 0.9, 0.2)  # n = 4: one image per tail
+    assert report.tail_dice(unc, dice, 0.5) == (2, pytest.approx(0.85), pytest.approx(0.4))
+    n, lo, hi = report.tail_dice([0.3], [0.5])
+    assert n == 0 and math.isnan(lo) and math.isnan(hi)
+    assert report.tail_dice(list(range(30)), list(range(30)), 0.1)[0] == 3  # floor(0.1 * 30), not 2
+    with pytest.raises(ValueError, match="fraction"):
+        report.tail_dice(unc, dice, 0.7)
+    rho, p = report.spearman(unc, dice)
+    assert rho == pytest.approx(-1.0) and p < 0.1  # perfectly anti-monotone
+    assert math.isnan(report.spearman([1, 2], [3, 4])[0])  # too few images
+    assert math.isnan(report.spearman([1, 1, 1], [3, 4, 5])[0])  # constant uncertainty
+
+
+def test_uncertainty_summary_groups_averages_draws_and_skips_unmeasured() -> None:
+    rows = [
+        # image a: two draws averaged -> unc 0.2, dice 0.8, auroc 0.9
+        _unc_row("a", 0.7, 0.1, 1.0, draw=0), _unc_row("a", 0.9, 0.3, 0.8, draw=1),
+        _unc_row("b", 0.3, 0.6, float("nan")),  # AUROC undefined: not in its mean
+        _unc_row("c", 0.5, 0.4), _unc_row("c", 0.5, 0.4, label="l2"),  # another label: another image
+        _unc_row("d", float("nan"), 0.9, error="RuntimeError: boom"),  # failed: left out
+        _unc_row("e", 0.1, float("nan")),  # both masks empty: unc_mean NaN, not ranked
+        _row("f", 0.5, method="no_unc", unc_mean=None, unc_auroc=None),  # method without uncertainty
+        _row("g", 0.5, method="old"),  # no unc columns at all (older results)
+    ]  # fmt: skip
+    (s,) = report.uncertainty_summary(rows)
+    assert {c: s[c] for c in report.UNCERTAINTY_GROUP} == {"dataset": "d", "method": "m", "k": "1", "supports": "random"}
+    assert s["n"] == 4  # a, b, c/l, c/l2
+    assert s["n_tail"] == 1
+    assert s["dice_least_uncertain"] == pytest.approx(0.8)  # a (0.2)
+    assert s["dice_most_uncertain"] == pytest.approx(0.3)  # b (0.6)
+    assert s["dice_gap"] == pytest.approx(0.5)
+    assert s["spearman_rho"] == pytest.approx(-1.0)  # unc 0.2, 0.6, 0.4, 0.4 vs dice 0.8, 0.3, 0.5, 0.5
+    assert s["unc_mean_mean"] == pytest.approx((0.2 + 0.6 + 0.4 + 0.4) / 4)
+    assert s["unc_auroc_mean"] == pytest.approx((0.9 + 0.8 + 0.8 + 0.8) / 4) and s["unc_auroc_n"] == 4
+    assert set(report.UNCERTAINTY_COLUMNS) <= set(s)
+    assert report.uncertainty_summary([r for r in rows if r["method"] != "m"]) == []
+    md = report.uncertainty_markdown([s])
+    assert md.splitlines()[2].startswith("| d | m | 1 | random | 4 | -1.000 |")
+    assert "| 0.800 | 0.300 | 0.500 | 1 |" in md
+
+
+def test_results_round_trip_keeps_unmeasured_uncertainty_empty(tmp_path) -> None:
+    rows = [_unc_row("a", 0.5, 0.25, float("nan")), _row("b", 0.5, unc_mean=None, unc_auroc=None)]
+    path = report.write_csv(rows, tmp_path / "r.csv", report.RESULT_COLUMNS)
+    lines = path.read_text().splitlines()
+    assert lines[1].split(",")[13:15] == ["0.25", "nan"] and lines[2].split(",")[13:15] == ["", ""]
+    back = report.read_results(path)
+    assert back[0]["unc_mean"] == 0.25 and math.isnan(back[0]["unc_auroc"])
+    assert back[1]["unc_mean"] is None and back[1]["unc_auroc"] is None
+    assert len(report.uncertainty_summary(back)) == 1
+    png = report.plot_uncertainty(report.uncertainty_points(back), tmp_path / "u.png")
+    assert png.stat().st_size > 1000

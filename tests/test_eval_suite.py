@@ -217,3 +217,137 @@ def test_same_seed_same_results(run, shared_data: Path, vlsm_dir: Path, tmp_path
     assert report.RESULT_COLUMNS[-2] == "seconds"
     assert strip(cfg.out / "results.csv") == strip(tmp_path / "again" / "results.csv")
     assert (cfg.out / "summary.csv").read_text().count("\n") == (tmp_path / "again" / "summary.csv").read_text().count("\n")
+
+
+def test_uncertainty_columns_only_for_methods_that_measure_it(run) -> None:
+    """mean_support returns p(1-p); the VLSM, the U-Nets and broken return none: their cells stay empty."""
+    cfg, paths = run
+    _, rows = _read(cfg.out / "results.csv")
+    for r in rows:
+        measured = r["method"] == "mean_support"
+        assert (r["unc_mean"] != "") == measured and (r["unc_auroc"] != "") == measured, r
+        if measured and r["unc_mean"] != "nan":
+            assert 0.0 <= float(r["unc_mean"]) <= 0.25
+    cols, unc = _read(paths["uncertainty"])
+    assert cols == report.UNCERTAINTY_COLUMNS
+    assert {u["method"] for u in unc} == {"mean_support"}
+    assert len(unc) == len(DATASETS) * (1 + (len(KS) - 1) * 2)  # k = 0 (none) + k in {1, 2} x 2 policies
+    assert "## Uncertainty" in (cfg.out / "summary.md").read_text()
+    assert paths["uncertainty_png"].is_file()
+
+
+# ------------------------------------------------------------------ uncertainty against the truth
+def _corrupted(query: Sample) -> tuple[np.ndarray, np.ndarray]:
+    """The ground truth with a per-image share (2-40 %) of pixels flipped, and where they were flipped.
+
+    Test oracles read the query mask (a real method must not): the error share differs by image, so
+    the images' Dice differ and an uncertainty can be tested against the truth.
+    """
+    rate = 0.02 + 0.38 * (derive_seed("rate", query.stem, query.label_value) % 1000) / 1000
+    rng = np.random.default_rng(derive_seed("flips", query.stem, query.label_value))
+    wrong = rng.random(query.mask.shape) < rate
+    return (query.mask ^ wrong).astype(np.float32), wrong
+
+
+class ErrorAware(Method):
+    """Uncertainty high (0.6-1) exactly on its wrong pixels and low (0-0.3) on the right ones."""
+
+    name = "error_aware"
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        prob, wrong = _corrupted(query)
+        u = np.random.default_rng(seed).random(prob.shape)
+        return prob, np.where(wrong, 0.6 + 0.4 * u, 0.3 * u).astype(np.float32)
+
+
+class RandomUncertainty(Method):
+    """The same predictions as ErrorAware, with uncertainty unrelated to the errors."""
+
+    name = "random_unc"
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        prob, _ = _corrupted(query)
+        return prob, np.random.default_rng(seed).random(prob.shape).astype(np.float32)
+
+
+class ZeroUncertainty(Method):
+    """Like SegICL with num_samples=1: a map of zeros (the std of one sample)."""
+
+    name = "zero_unc"
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        prob, _ = _corrupted(query)
+        return prob, np.zeros_like(prob)
+
+
+class NoUncertainty(Method):
+    """No uncertainty at all (like the VLSM and U-Net baselines)."""
+
+    name = "no_unc"
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        return _corrupted(query)[0], None
+
+
+UNC_METHODS = {"error_aware": ErrorAware(), "random_unc": RandomUncertainty(), "zero_unc": ZeroUncertainty(),
+               "no_unc": NoUncertainty()}  # fmt: skip
+
+
+def _unc_config(shared_data: Path, out: Path, methods: list[str], limit: int) -> SuiteConfig:
+    return SuiteConfig(data=[shared_data / d for d in DATASETS], out=out, methods=methods, ks=[0], limit=limit,
+                       config=load_eval_config(CONFIGS_DIR / "eval" / "tiny.yaml"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def unc_run(shared_data: Path, tmp_path_factory) -> tuple[SuiteConfig, dict[str, Path]]:
+    cfg = _unc_config(shared_data, tmp_path_factory.mktemp("eval_unc"), list(UNC_METHODS), limit=6)
+    return cfg, run_suite(cfg, UNC_METHODS)
+
+
+def test_uncertainty_on_the_wrong_pixels_ranks_pixels_and_images(unc_run) -> None:
+    cfg, paths = unc_run
+    _, rows = _read(cfg.out / "results.csv")
+    aware = [r for r in rows if r["method"] == "error_aware"]
+    assert len(aware) == 6 * 3  # kvasir (1 label) + wbc (2 labels), 6 images each, one draw
+    assert all(float(r["unc_auroc"]) == 1.0 for r in aware)  # every error above every correct pixel
+    assert len({r["dice"] for r in aware}) > 10  # the images differ in quality
+    _, unc = _read(paths["uncertainty"])
+    by = {(u["dataset"], u["method"]): u for u in unc}
+    assert set(by) == {(d, m) for d in DATASETS for m in ("error_aware", "random_unc")}  # zero/no: no row
+    for d in DATASETS:
+        u = by[(d, "error_aware")]
+        assert int(u["n"]) == (6 if d == "kvasir_seg" else 12) and int(u["n_tail"]) == 1
+        assert float(u["dice_gap"]) > 0.1  # the least uncertain images are segmented better
+        assert float(u["dice_least_uncertain"]) > float(u["dice_most_uncertain"])
+        assert float(u["spearman_rho"]) < -0.8
+        assert float(u["unc_auroc_mean"]) == 1.0
+    md = (cfg.out / "summary.md").read_text()
+    assert "## Uncertainty" in md and "| error_aware |" in md.split("## Uncertainty")[1]
+
+
+def test_random_uncertainty_is_at_chance(unc_run) -> None:
+    cfg, paths = unc_run
+    _, rows = _read(cfg.out / "results.csv")
+    aurocs = [float(r["unc_auroc"]) for r in rows if r["method"] == "random_unc"]
+    assert len(aurocs) == 18 and all(0.45 < a < 0.55 for a in aurocs)
+    _, unc = _read(paths["uncertainty"])
+    for u in unc:
+        if u["method"] == "random_unc":
+            assert abs(float(u["unc_auroc_mean"]) - 0.5) < 0.02
+
+
+def test_zero_or_no_uncertainty_leaves_columns_empty_and_no_section(unc_run, shared_data: Path, tmp_path: Path) -> None:
+    cfg, _ = unc_run
+    _, rows = _read(cfg.out / "results.csv")
+    for r in rows:
+        if r["method"] in ("zero_unc", "no_unc"):
+            assert r["unc_mean"] == "" and r["unc_auroc"] == "" and not r["error"]
+            assert float(r["dice"]) < 1.0  # evaluated as usual
+    alone = _unc_config(shared_data, tmp_path / "alone", ["zero_unc", "no_unc"], limit=2)
+    paths = run_suite(alone, UNC_METHODS)
+    assert "uncertainty" not in paths and "uncertainty_png" not in paths
+    assert not (alone.out / "uncertainty.csv").exists() and not (alone.out / "uncertainty.png").exists()
+    assert "Uncertainty" not in (alone.out / "summary.md").read_text()
+    cols, rows = _read(alone.out / "results.csv")
+    assert cols == report.RESULT_COLUMNS and rows
+    assert all(r["unc_mean"] == "" and r["unc_auroc"] == "" for r in rows)

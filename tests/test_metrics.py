@@ -228,3 +228,78 @@ def test_against_monai() -> None:
             iou_m = float(mm.compute_iou(yp, yt, include_background=True))
             assert M.dice(pred, gt) == pytest.approx(dice_m, rel=1e-6)
             assert M.iou(pred, gt) == pytest.approx(iou_m, rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- uncertainty
+def _pairwise_auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """AUROC by definition: P(score of a positive > score of a negative), ties one half (O(n^2))."""
+    pos, neg = scores[labels], scores[~labels]
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)
+
+
+def test_auroc_hand_computed_and_ties() -> None:
+    # the classic 4-point example: of the 4 (positive, negative) pairs, 3 are ordered right
+    assert M.auroc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.75)
+    # ties count one half: pairs (1,0)=1, (1,1)=0.5, (2,0)=1, (2,1)=1 -> 3.5 / 4
+    assert M.auroc(np.array([0, 1, 1, 2]), np.array([0, 0, 1, 1], bool)) == pytest.approx(0.875)
+    assert M.auroc(np.array([1, 1, 2, 2]), np.array([0, 1, 0, 1], bool)) == pytest.approx(0.5)
+    assert M.auroc(np.array([0, 0, 5, 9]), np.array([0, 0, 1, 1], bool)) == 1.0
+    assert M.auroc(np.array([5, 9, 0, 0]), np.array([0, 0, 1, 1], bool)) == 0.0
+    # undefined: constant scores, no positive, no negative
+    assert math.isnan(M.auroc(np.full(4, 0.3), np.array([0, 0, 1, 1], bool)))
+    assert math.isnan(M.auroc(np.array([0.1, 0.2]), np.array([0, 0], bool)))
+    assert math.isnan(M.auroc(np.array([0.1, 0.2]), np.array([1, 1], bool)))
+    with pytest.raises(ValueError, match="same size"):
+        M.auroc(np.zeros(3), np.zeros(4, bool))
+
+
+def test_auroc_matches_pairwise_definition_on_random_tied_scores() -> None:
+    rng = np.random.default_rng(5)
+    for _ in range(5):
+        scores = rng.integers(0, 6, size=300).astype(np.float32) / 5  # many ties
+        labels = rng.random(300) < rng.uniform(0.05, 0.6)
+        assert M.auroc(scores, labels) == pytest.approx(_pairwise_auroc(scores, labels), abs=1e-12)
+
+
+def test_uncertainty_metrics_hand_computed() -> None:
+    gt = np.zeros((4, 4), dtype=bool)
+    gt[0:2, 0:2] = True  # 4 px
+    pred = gt.copy()
+    pred[0, 0] = False  # false negative
+    pred[3, 3] = True  # false positive
+    unc = np.zeros((4, 4), dtype=np.float32)
+    unc[0, 0] = unc[3, 3] = 0.5  # exactly the two errors
+    unc[2, 2] = 0.1  # a correct background pixel, outside pred ∪ gt: not in unc_mean
+    out = M.uncertainty_metrics(unc, pred, gt)
+    assert set(out) == set(M.UNCERTAINTY_METRICS)
+    assert out["unc_mean"] == pytest.approx((0.5 + 0.5) / 5)  # pred ∪ gt = 4 gt px + the false positive
+    assert out["unc_auroc"] == 1.0  # both errors above all 14 correct pixels
+    # ranking the errors below some correct pixels lowers the AUROC: 2 errors x 14 correct pairs
+    unc2 = unc.copy()
+    unc2[2, 2] = 0.9  # one correct pixel above both errors: 2 of 28 pairs wrong
+    assert M.uncertainty_metrics(unc2, pred, gt)["unc_auroc"] == pytest.approx(26 / 28)
+
+
+def test_uncertainty_metrics_undefined_and_absent() -> None:
+    gt = np.zeros((4, 4), dtype=bool)
+    gt[1:3, 1:3] = True
+    unc = np.linspace(0, 1, 16, dtype=np.float32).reshape(4, 4)
+    # not measured: None or an all-zero map (one diffusion sample) -> None, not NaN
+    assert M.uncertainty_metrics(None, gt, gt) == {"unc_mean": None, "unc_auroc": None}
+    assert M.uncertainty_metrics(np.zeros((4, 4)), gt, gt) == {"unc_mean": None, "unc_auroc": None}
+    # perfect prediction: no error -> AUROC NaN, unc_mean still defined
+    perfect = M.uncertainty_metrics(unc, gt, gt)
+    assert math.isnan(perfect["unc_auroc"]) and perfect["unc_mean"] == pytest.approx(unc[1:3, 1:3].mean())
+    # constant non-zero uncertainty -> AUROC NaN
+    assert math.isnan(M.uncertainty_metrics(np.full((4, 4), 0.2), ~gt, gt)["unc_auroc"])
+    # every pixel wrong: no correct pixel -> AUROC NaN
+    assert math.isnan(M.uncertainty_metrics(unc, ~gt, gt)["unc_auroc"])
+    # both masks empty: unc_mean NaN (no foreground region); AUROC NaN (no error)
+    empty = np.zeros((4, 4), dtype=bool)
+    both = M.uncertainty_metrics(unc, empty, empty)
+    assert math.isnan(both["unc_mean"]) and math.isnan(both["unc_auroc"])
+    with pytest.raises(ValueError, match="NaN or inf"):
+        M.uncertainty_metrics(np.full((4, 4), np.nan), gt, gt)
+    with pytest.raises(ValueError, match="shape"):
+        M.uncertainty_metrics(np.ones((3, 4)), gt, gt)
