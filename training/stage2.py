@@ -69,16 +69,13 @@ class Stage2Task(nn.Module):
 def with_new_encoder(pipe: SegICLPipeline, overrides: dict[str, Any], seed: int = 0) -> SegICLPipeline:
     """The stage-1 pipeline with a freshly initialised encoder built from its config updated by
     ``overrides`` (``{"vision": {...}, "lm": {...}}``): one stage-1 decoder serves several encoder designs."""
-    from segicl.config import SegICLConfig
+    from segicl.config import SegICLConfig, merge_overrides
     from segicl.encoder import MultimodalEncoder
 
     bad = set(overrides) - {"vision", "lm"}
     if bad:
         raise ValueError(f"model.encoder may only override the 'vision' and 'lm' sections, got {sorted(bad)}")
-    d = pipe.config.to_dict()
-    for section, values in overrides.items():
-        d[section] = {**d[section], **dict(values)}
-    cfg = SegICLConfig.from_dict(d)
+    cfg = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {k: dict(v) for k, v in overrides.items()}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = MultimodalEncoder(cfg)
