@@ -113,6 +113,28 @@ def test_stage3_trains_only_the_decoder_on_predicted_tokens(stage1_model, tmp_pa
     assert any(not torch.equal(dec[k], v) for k, v in task.pipe.decoder.state_dict().items())
 
 
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
+def test_stage_tasks_move_their_frozen_parts_along(stage, stage1_model):
+    # accelerate's prepare moves the task with .to(device); the frozen teachers live outside the module
+    # tree (kept from the optimizer), so the task must carry them and pipe.device along ("meta" stands
+    # in for a GPU here: the same _apply path as .to("cuda")).
+    import importlib
+
+    build = getattr(importlib.import_module(f"training.{stage}"), f"build_{stage}_task")
+    model = {"preset": "tiny"} if stage == "stage1" else {"init": str(stage1_model)}
+    cfg = {"model": model, "data": {"k_max": 2}, "train": {"max_steps": 1, "seed": 0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = build(cfg, [DEMO])[0]
+    task.to("meta")
+    assert task.pipe.device.type == "meta"
+    for name, module in task.pipe.modules().items():
+        assert all(p.device.type == "meta" for p in module.parameters()), name
+    if stage != "stage1":  # the frozen parts are still not among the task's (optimizer's) parameters
+        frozen = task.pipe.condition_encoder
+        assert not {id(p) for p in frozen.parameters()} & {id(p) for p in task.parameters()}
+
+
 def test_stage2_lora_trains_adapters_and_saves_merged_weights(tmp_path):
     """Paper-preset path: peft LoRA on the LM, projectors trainable, vision frozen; saved merged."""
     from training.stage2 import Stage2Task, apply_lora

@@ -138,6 +138,28 @@ def test_plateau_and_early_stopping(tmp_path):
     assert lrs == pytest.approx([1e-2, 5e-3, 2.5e-3])  # ReduceLROnPlateau(patience=0) halves per bad val
 
 
+class SlowNoisy(Noisy):
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        import time
+
+        time.sleep(0.02)
+        return super().__getitem__(i)
+
+
+def test_max_minutes_stops_and_still_saves(tmp_path):
+    # 4 items x 20 ms per optimizer step (batch 4, grad_accum 1): a 0.5 s budget ends after ~6 steps
+    task = MLPTask()
+    res = train(task, SlowNoisy(), lambda m: {"loss": 1.0},
+                cfg(tmp_path, max_steps=1000, grad_accum=1, ckpt_every=0, val_every=-1, max_minutes=0.5 / 60))
+    assert res["out_of_time"] and not res["stopped_early"]
+    assert 1 <= res["step"] < 100
+    assert res["model_dir"] and (Path(res["model_dir"]) / "weights.pt").is_file()
+    assert [p.name for p in list_checkpoints(tmp_path)] == [f"step_{res['step']:07d}"]
+    assert res["val"] == {"loss": 1.0}  # the final validation ran
+    with pytest.raises(ValueError, match="max_minutes"):
+        LoopConfig.from_dict({"max_steps": 5, "max_minutes": 0})
+
+
 def test_epochs_and_sampler_determinism(tmp_path):
     s = EpochSampler(10, seed=1)
     a = list(s)

@@ -205,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
     (out / "config.yaml").write_text(yaml.safe_dump({"stage": args.stage, "data_dirs": [str(d) for d in data_dirs], **config},
                                                     sort_keys=False))
     result = train(task, train_set, val_fn, loop_cfg, resume=bool(args.resume))
-    summary = {k: result[k] for k in ("step", "epoch", "stopped_early", "model_dir", "steps_per_s")}
+    summary = {k: result[k] for k in ("step", "epoch", "stopped_early", "out_of_time", "model_dir", "steps_per_s")}
     summary["val"] = {k: round(v, 4) for k, v in result["val"].items() if "/" not in k}
     print(json.dumps(summary, default=str))
     return 0

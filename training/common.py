@@ -1,4 +1,5 @@
-"""Pieces shared by the SegICL stage tasks: LR schedule, batch Dice, fixed validation items."""
+"""Pieces shared by the SegICL stage tasks: their device-following base, LR schedule, batch Dice,
+fixed validation items."""
 
 from __future__ import annotations
 
@@ -10,9 +11,31 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers.optimization import get_scheduler
+from torch import nn
 
 from segicl.data import SegDataset
 from segicl.data.transforms import image_to_tensor, mask_to_tensor
+from segicl.pipeline import SegICLPipeline
+
+
+class PipelineTask(nn.Module):
+    """Base of the stage tasks, which train some parts of ``self.pipe`` and keep the frozen ones out of
+    the module tree (so the optimizer and DeepSpeed never see them). ``.to()`` / ``.cuda()`` (what
+    accelerate's ``prepare`` calls) move the frozen parts as well, and ``pipe.device`` follows the
+    trainable ones, so validation and the frozen teachers run where the batches are."""
+
+    pipe: SegICLPipeline
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        in_tree = {id(m) for m in self.modules()}
+        for m in self.pipe.modules().values():
+            if id(m) not in in_tree:
+                m._apply(fn, *args, **kwargs)
+        first = next(iter(self.parameters()), None)
+        if first is not None:
+            self.pipe.device = first.device
+        return self
 
 
 def lr_schedule(opt: torch.optim.Optimizer, train_cfg: dict[str, Any]):

@@ -70,6 +70,9 @@ class LoopConfig:
     Attributes:
         max_steps: optimizer steps to run (after gradient accumulation). With ``epochs`` as well,
             training stops at whichever comes first. One of the two is required.
+        max_minutes: wall-clock budget of the training steps (None = none): after the first step
+            that ends past it, training stops as if ``max_steps`` were reached (final validation,
+            checkpoint and model). The LR schedule still spans ``max_steps``.
         epochs: full passes over the train dataset.
         batch_size: per-process micro-batch size.
         num_workers: DataLoader worker processes.
@@ -93,6 +96,7 @@ class LoopConfig:
     """
 
     max_steps: int | None = None
+    max_minutes: float | None = None
     epochs: int | None = None
     batch_size: int = 8
     num_workers: int = 0
@@ -133,6 +137,8 @@ class LoopConfig:
         for name in ("batch_size", "grad_accum", "log_every"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_minutes is not None and not float(self.max_minutes) > 0:
+            raise ValueError(f"max_minutes must be > 0, got {self.max_minutes}")
         if self.max_steps is not None and int(self.max_steps) < 1:
             raise ValueError(f"max_steps must be >= 1, got {self.max_steps}")
         if self.epochs is not None and int(self.epochs) < 1:
@@ -531,8 +537,8 @@ def train(
     t_window, window_step = time.perf_counter(), state.step
     t0, step0 = time.perf_counter(), state.step
     clip = float(cfg.grad_clip) if cfg.grad_clip else None
-    killed = False
-    while state.step < total and not state.stopped_early and not killed:
+    killed = out_of_time = False
+    while state.step < total and not state.stopped_early and not killed and not out_of_time:
         # accelerate's loaders call set_epoch(their own iteration counter) on the sampler and the
         # dataset when iterated; setting it here keeps it equal to our epoch, also after a resume.
         loader.set_epoch(state.epoch)
@@ -582,18 +588,20 @@ def train(
             if stop_after_steps is not None and state.step >= stop_after_steps:
                 killed = True
                 break
-            if state.step >= total or state.stopped_early:
+            if cfg.max_minutes is not None and time.perf_counter() - t0 >= 60.0 * float(cfg.max_minutes):
+                out_of_time = True
+            if state.step >= total or state.stopped_early or out_of_time:
                 break
         if not killed and state.batch_in_epoch >= batches_per_epoch:
             state.epoch += 1
             state.batch_in_epoch = 0
-            if cfg.val_every == 0 and state.step < total and not state.stopped_early:
+            if cfg.val_every == 0 and state.step < total and not state.stopped_early and not out_of_time:
                 validate()
 
     seconds = time.perf_counter() - t0
     result: dict[str, Any] = {
         "step": state.step, "epoch": state.epoch, "out_dir": str(out_dir), "model_dir": None,
-        "stopped_early": state.stopped_early, "seconds": seconds,
+        "stopped_early": state.stopped_early, "out_of_time": out_of_time, "seconds": seconds,
         "steps_per_s": (state.step - step0) / seconds if seconds > 0 else float("nan"),
         "resumed_from": str(resumed_from) if resumed_from else None,
     }

@@ -24,10 +24,10 @@ from torch import nn
 
 from segicl.config import load_preset
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule, at_mask_size, batch_dice, val_items
+from training.common import PipelineTask, adamw_with_schedule, at_mask_size, batch_dice, val_items
 
 
-class Stage1Task(nn.Module):
+class Stage1Task(PipelineTask):
     def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any]):
         super().__init__()
         self.pipe = pipe
@@ -65,8 +65,8 @@ def make_val_fn(items: list[dict[str, Any]], steps: int, batch_size: int = 32) -
         with torch.no_grad():
             for i in range(0, len(items), batch_size):
                 chunk = items[i : i + batch_size]
-                img = torch.stack([c["image"] for c in chunk])
-                msk = torch.stack([c["mask"] for c in chunk])
+                img = torch.stack([c["image"] for c in chunk]).to(pipe.device)
+                msk = torch.stack([c["mask"] for c in chunk]).to(pipe.device)
                 cond = pipe.condition_encoder(msk)
                 prob = pipe.decoder.sample(img, cond, pipe.scheduler, steps, 1, pipe.config.scheduler.sampler, g)[:, 0]
                 null = pipe.decoder.null_cond.expand(len(chunk), -1, -1)

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule, at_mask_size, batch_dice, val_items
+from training.common import PipelineTask, adamw_with_schedule, at_mask_size, batch_dice, val_items
 
 
-class Stage2Task(nn.Module):
+class Stage2Task(PipelineTask):
     def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any]):
         super().__init__()
         self.pipe = pipe
@@ -106,8 +106,8 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                 mse = []
                 for i in range(0, len(items), batch_size):
                     chunk = items[i : i + batch_size]
-                    img = torch.stack([c["image"] for c in chunk])
-                    msk = torch.stack([c["mask"] for c in chunk])
+                    img = torch.stack([c["image"] for c in chunk]).to(pipe.device)
+                    msk = torch.stack([c["mask"] for c in chunk]).to(pipe.device)
                     sup = [list(zip(c["support_images"], c["support_masks"])) for c in chunk]
                     s = pipe.encode(img, [c["text"] for c in chunk], sup)
                     mse.append(F.mse_loss(s, pipe.condition_encoder(msk)).item())

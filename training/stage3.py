@@ -24,11 +24,11 @@ import torch
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import adamw_with_schedule, at_mask_size
+from training.common import PipelineTask, adamw_with_schedule, at_mask_size
 from training.stage2 import episode_data
 
 
-class Stage3Task(nn.Module):
+class Stage3Task(PipelineTask):
     def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any], true_c_prob: float = 0.0):
         super().__init__()
         self.pipe = pipe
@@ -51,7 +51,7 @@ class Stage3Task(nn.Module):
             else:
                 s = enc(list(batch["text"]), q)
             if self.true_c_prob > 0:
-                use_c = (torch.rand(b) < self.true_c_prob).view(b, 1, 1)
+                use_c = (torch.rand(b, device=c.device) < self.true_c_prob).view(b, 1, 1)
                 s = torch.where(use_c, c, s)
         return self.decoder.loss(q, qm, s, self.pipe.scheduler, cond_dropout=0.0, cond_noise=0.0)
 
