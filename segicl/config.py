@@ -61,6 +61,9 @@ class LMConfig:
     support_tokens: str = "interleaved"  # "interleaved" (paper: <img> image tokens <mask> mask tokens) |
     #   "fused": <img> (image token + mask token) per grid cell (a query cell finds a similar support
     #   cell and reads its label in one attention hop)
+    support_prior: str = "none"  # "none" (paper) | "attention": a label-propagation prior from the supports
+    #   (each query patch attends to the support patches by feature similarity and averages their mask
+    #   values) is added to the slots, so the supports reach S through a path that needs no task memory
 
 
 @dataclass
@@ -137,6 +140,8 @@ class SegICLConfig:
             raise ValueError(f"vision patch grid {grid} is not divisible by vision.pool_to {self.vision.pool_to}")
         if self.lm.slot_init not in ("learned", "query"):
             raise ValueError(f"lm.slot_init must be 'learned' or 'query', not {self.lm.slot_init!r}")
+        if self.lm.support_prior not in ("none", "attention"):
+            raise ValueError(f"lm.support_prior must be 'none' or 'attention', not {self.lm.support_prior!r}")
         if self.lm.support_tokens not in ("interleaved", "fused"):
             raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
         if self.decoder.space not in ("pixel", "latent"):

@@ -24,6 +24,14 @@ Two layout options (``lm.slot_init``, ``lm.support_tokens``; the defaults are th
   of the cell's image token and mask token. A query cell can find a similar support cell and read its
   label in one attention hop; interleaved segments need two (match the image token, then look
   ``pool_to^2 + 1`` positions further).
+
+A third option, ``lm.support_prior="attention"``, adds an explicit path from the supports to S
+(few-shot segmentation's label propagation, e.g. the dense matching of PANet / UniverSeg's
+support-query interaction): every query patch attends to all patches of its supports by cosine
+similarity of learned keys over the vision features (learned temperature) and averages their mask
+values (support masks area-pooled to the patch grid). The resulting prior map, pooled to the
+condition grid, is projected and added to the slots together with a "has supports" flag. It needs
+the raw support masks (``support_masks``), which the pipeline and the stage tasks pass.
 """
 
 from __future__ import annotations
@@ -136,6 +144,10 @@ class MultimodalEncoder(nn.Module):
         self.slots = nn.Parameter(torch.randn(1, cfg.num_condition_tokens, h) * 0.02)
         if cfg.lm.slot_init == "query":
             self.slot_proj = _mlp(width, h)
+        if cfg.lm.support_prior == "attention":
+            self.prior_key = nn.Linear(width, 64)
+            self.prior_logit_scale = nn.Parameter(torch.tensor(2.3))  # exp(2.3) ~ 10 = 1 / temperature
+            self.prior_proj = _mlp(2, h)
         self.out_proj = nn.Sequential(nn.LayerNorm(h), nn.Linear(h, cfg.condition.dim))
         self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("clip_std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
@@ -181,13 +193,32 @@ class MultimodalEncoder(nn.Module):
         g = int(round(t**0.5))
         return self._to_grid(cond.transpose(1, 2).reshape(n, d, g, g), self.cfg.vision.pool_to)
 
+    def support_prior(self, q_grid: torch.Tensor, s_grid: torch.Tensor, support_masks: torch.Tensor, ks: list[int]) -> torch.Tensor:
+        """Label propagation: (b, w, g, g) query and (sum k, w, g, g) support features, (b, K, 1, M, M)
+        support masks -> (b, 1, g, g) prior in [0, 1] (zeros where k = 0)."""
+        b, _, g, _ = q_grid.shape
+        q = F.normalize(self.prior_key(q_grid.flatten(2).transpose(1, 2)), dim=-1)  # (b, g*g, d)
+        sk = F.normalize(self.prior_key(s_grid.flatten(2).transpose(1, 2)), dim=-1)  # (sum k, g*g, d)
+        scale = self.prior_logit_scale.exp()
+        out = q.new_zeros(b, g * g)
+        j = 0
+        for i, k in enumerate(ks):
+            if not k:
+                continue
+            vals = F.adaptive_avg_pool2d(support_masks[i, :k].float(), g).flatten()  # (k*g*g,)
+            keys = sk[j : j + k].reshape(k * g * g, -1)
+            out[i] = torch.softmax(scale * q[i] @ keys.T, dim=-1) @ vals.to(q.dtype)
+            j += k
+        return out.view(b, 1, g, g)
+
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
         return [torch.tensor(self.tokenizer.encode(t or "", self.cfg.lm.max_text_tokens), dtype=torch.long) for t in texts]
 
     # ------------------------------------------------------------------ forward
     def forward(self, texts: list[str], query_images: torch.Tensor, support_images: torch.Tensor | None = None,
-                support_cond: torch.Tensor | None = None, num_supports: torch.Tensor | list[int] | None = None) -> torch.Tensor:
+                support_cond: torch.Tensor | None = None, num_supports: torch.Tensor | list[int] | None = None,
+                support_masks: torch.Tensor | None = None) -> torch.Tensor:
         """Predict condition tokens S.
 
         Args:
@@ -196,6 +227,7 @@ class MultimodalEncoder(nn.Module):
             support_images: (B, K, 3, S, S), padded beyond each item's k.
             support_cond: (B, K, N, d_c) condition-encoder tokens of the support masks.
             num_supports: (B,) k per item (0..K); None means all K.
+            support_masks: (B, K, 1, M, M) binary support masks; needed by ``lm.support_prior="attention"``.
 
         Returns:
             S: (B, N, d_c).
@@ -221,6 +253,17 @@ class MultimodalEncoder(nn.Module):
         if self.cfg.lm.slot_init == "query":
             gc = int(round(self.cfg.num_condition_tokens**0.5))
             slots = slots + self.slot_proj(self._to_grid(grid[:b], gc))
+        if self.cfg.lm.support_prior == "attention":
+            gc = int(round(self.cfg.num_condition_tokens**0.5))
+            if sum(ks):
+                if support_masks is None:
+                    raise ValueError("lm.support_prior='attention' needs support_masks")
+                prior = self.support_prior(grid[:b], grid[b:], support_masks, ks)
+            else:
+                prior = grid.new_zeros(b, 1, grid.shape[-1], grid.shape[-1])
+            has = torch.tensor([float(k > 0) for k in ks], device=dev, dtype=prior.dtype).view(b, 1, 1, 1)
+            feats = torch.cat([prior, has.expand_as(prior)], dim=1)
+            slots = slots + self.prior_proj(self._to_grid(feats, gc))
         if sum(ks):
             conds = torch.cat([support_cond[i, : ks[i]] for i in range(b) if ks[i]])
             m_tok = self.mask_proj(self.mask_tokens(conds.to(vis.dtype)))

@@ -243,7 +243,7 @@ class SegICLPipeline:
                     simg[i, j], smask[i, j] = im, mk
             cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
             ks = [len(x) for x in supports]
-            return self.encoder(texts, images, simg, cond, ks)
+            return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
         return self.encoder(texts, images)
 
     @torch.no_grad()

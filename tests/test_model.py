@@ -201,3 +201,43 @@ def test_encoder_layout_options(layout):
     bad["lm"]["support_tokens"] = "stacked"
     with pytest.raises(ValueError, match="support_tokens"):
         SegICLConfig.from_dict(bad)
+
+
+def test_support_prior_propagates_support_labels():
+    """lm.support_prior='attention': each query patch averages the mask values of the support patches
+    it matches; with the query equal to the support and a sharp temperature the prior is the support's
+    pooled mask. The pipeline passes the raw support masks; S depends on them through the prior."""
+    from training.stage2 import with_new_encoder
+
+    base = SegICLPipeline.from_preset("tiny", seed=0)
+    pipe = with_new_encoder(base, {"lm": {"slot_init": "query", "support_tokens": "fused", "support_prior": "attention"}}, seed=0)
+    enc, cfg = pipe.encoder, pipe.config
+    s, m = cfg.image_size, cfg.mask_size
+    g = torch.Generator().manual_seed(5)
+    img = torch.rand(1, 3, s, s, generator=g) * 2 - 1
+    mask = torch.zeros(1, 1, 1, m, m)
+    mask[..., : m // 2, : m // 4] = 1  # top-left block: pooled to the patch grid it is 0/1 per patch
+    with torch.no_grad():
+        enc.prior_logit_scale.fill_(8.0)  # temperature e^-8: the best-matching patch wins
+        grid = enc.vision_grid(img)
+        prior = enc.support_prior(grid, grid, mask, [1])
+        gp = grid.shape[-1]
+        expected = torch.nn.functional.adaptive_avg_pool2d(mask[0], gp).view(1, 1, gp, gp)
+        assert torch.allclose(prior, expected, atol=0.05)
+        # zero supports: no prior; the flag tells the slots
+        assert enc.support_prior(grid, grid[:0], mask, [0]).abs().sum() == 0
+        cond = pipe.condition_encoder(mask.flatten(0, 1)).view(1, 1, cfg.num_condition_tokens, -1)
+        a = enc(["x"], img, img[:, None], cond, [1], support_masks=mask)
+        b = enc(["x"], img, img[:, None], cond, [1], support_masks=1 - mask)  # only the raw masks differ
+    assert not torch.allclose(a, b, atol=1e-4)
+    with pytest.raises(ValueError, match="support_masks"):
+        enc(["x"], img, img[:, None], cond, [1])
+    from segicl.data.transforms import tensor_to_image
+
+    pil = tensor_to_image(img[0])
+    out = pipe([pil], "x", supports=[[(pil, mask[0, 0].numpy())]], num_inference_steps=2)  # pipeline path
+    assert out.masks[0].shape == (pil.height, pil.width)
+    bad = cfg.to_dict()
+    bad["lm"]["support_prior"] = "soft"
+    with pytest.raises(ValueError, match="support_prior"):
+        SegICLConfig.from_dict(bad)

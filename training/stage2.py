@@ -47,7 +47,8 @@ class Stage2Task(PipelineTask):
         with torch.no_grad():
             target = ce(qm)
             scond = ce(smask.flatten(0, 1)).view(b, k, *target.shape[1:]) if k else None
-        pred = self.encoder(list(batch["text"]), q, simg if k else None, scond, ks if k else None)
+        pred = self.encoder(list(batch["text"]), q, simg if k else None, scond, ks if k else None,
+                            support_masks=smask if k else None)
         loss = F.mse_loss(pred.float(), target.float())
         with torch.no_grad():
             cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()

@@ -47,7 +47,7 @@ class Stage3Task(PipelineTask):
             c = ce(qm)
             if k:
                 scond = ce(smask.flatten(0, 1)).view(b, k, *c.shape[1:])
-                s = enc(list(batch["text"]), q, simg, scond, ks)
+                s = enc(list(batch["text"]), q, simg, scond, ks, support_masks=smask)
             else:
                 s = enc(list(batch["text"]), q)
             if self.true_c_prob > 0:
