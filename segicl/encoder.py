@@ -124,6 +124,32 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
+def propagate_labels(q_keys: torch.Tensor, s_keys: torch.Tensor, support_masks: torch.Tensor, ks: list[int],
+                     scale: torch.Tensor | float) -> torch.Tensor:
+    """Each query patch's softmax(scale * cosine) average of its supports' patch mask values.
+
+    Args:
+        q_keys: (b, g*g, d) L2-normalised query patch keys.
+        s_keys: (sum k, g*g, d) the supports' keys, item after item.
+        support_masks: (b, K, 1, M, M) masks, area-pooled here to g x g.
+        ks: supports per item.
+    Returns:
+        (b, 1, g, g) prior in [0, 1], zeros where k = 0.
+    """
+    b, n, _ = q_keys.shape
+    g = int(round(n**0.5))
+    out = q_keys.new_zeros(b, n)
+    j = 0
+    for i, k in enumerate(ks):
+        if not k:
+            continue
+        vals = F.adaptive_avg_pool2d(support_masks[i, :k].float(), g).flatten().to(q_keys.dtype)  # (k*g*g,)
+        keys = s_keys[j : j + k].reshape(k * n, -1)
+        out[i] = torch.softmax(scale * q_keys[i] @ keys.T, dim=-1) @ vals
+        j += k
+    return out.view(b, 1, g, g)
+
+
 # ImageNet-style CLIP normalisation of [-1, 1] inputs
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -194,22 +220,11 @@ class MultimodalEncoder(nn.Module):
         return self._to_grid(cond.transpose(1, 2).reshape(n, d, g, g), self.cfg.vision.pool_to)
 
     def support_prior(self, q_grid: torch.Tensor, s_grid: torch.Tensor, support_masks: torch.Tensor, ks: list[int]) -> torch.Tensor:
-        """Label propagation: (b, w, g, g) query and (sum k, w, g, g) support features, (b, K, 1, M, M)
-        support masks -> (b, 1, g, g) prior in [0, 1] (zeros where k = 0)."""
-        b, _, g, _ = q_grid.shape
-        q = F.normalize(self.prior_key(q_grid.flatten(2).transpose(1, 2)), dim=-1)  # (b, g*g, d)
-        sk = F.normalize(self.prior_key(s_grid.flatten(2).transpose(1, 2)), dim=-1)  # (sum k, g*g, d)
-        scale = self.prior_logit_scale.exp()
-        out = q.new_zeros(b, g * g)
-        j = 0
-        for i, k in enumerate(ks):
-            if not k:
-                continue
-            vals = F.adaptive_avg_pool2d(support_masks[i, :k].float(), g).flatten()  # (k*g*g,)
-            keys = sk[j : j + k].reshape(k * g * g, -1)
-            out[i] = torch.softmax(scale * q[i] @ keys.T, dim=-1) @ vals.to(q.dtype)
-            j += k
-        return out.view(b, 1, g, g)
+        """Label propagation over learned keys: (b, w, g, g) query and (sum k, w, g, g) support
+        features, (b, K, 1, M, M) support masks -> (b, 1, g, g) prior in [0, 1] (zeros where k = 0)."""
+        q = F.normalize(self.prior_key(q_grid.flatten(2).transpose(1, 2)), dim=-1)
+        sk = F.normalize(self.prior_key(s_grid.flatten(2).transpose(1, 2)), dim=-1)
+        return propagate_labels(q, sk, support_masks, ks, self.prior_logit_scale.exp())
 
     # ------------------------------------------------------------------ text
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:

@@ -11,7 +11,11 @@ Per (dataset, label), on ``--per-task`` queries of ``--split`` with supports fro
 * ``dice_k0`` / ``dice_k5``: decoding the encoder's S without supports / with k real supports;
 * ``dice_k5_wrong``: with k supports of *another* task (does the model use what the supports say?);
 * ``cos_s_c_k0`` / ``cos_s_c_k5``: cosine between S and C;
-* ``s_shift``: ||S(k) - S(0)|| / ||S(0)|| (does S depend on the supports at all?).
+* ``s_shift``: ||S(k) - S(0)|| / ||S(0)|| (does S depend on the supports at all?);
+* ``dice_prior_learned`` (models with ``lm.support_prior="attention"``): the label-propagation prior
+  alone, upsampled and thresholded (do the learned patch correspondences transfer?);
+* ``dice_prior_pixels``: the same propagation over hand-made pixel keys (quadrant colours and
+  texture per patch, fixed temperature 10): a training-free reference for the correspondence.
 
 Writes diagnose.csv and diagnose.md in ``--out`` and prints the table.
 """
@@ -27,8 +31,30 @@ import torch
 import torch.nn.functional as F
 
 from segicl.data import find_datasets, load_dataset
+from segicl.encoder import propagate_labels
 from segicl.pipeline import SegICLPipeline, default_checkpoint
 from training.common import batch_dice, val_items
+
+PIXEL_PRIOR_SCALE = 10.0  # fixed (the learned prior's initial value), not tuned
+
+
+def pixel_keys(images: torch.Tensor, g: int) -> torch.Tensor:
+    """Hand-made patch keys for a training-free label propagation: per patch of a g x g grid, the mean
+    RGB of its four quadrants and its RGB std, standardised over the image's patches, L2-normalised.
+    (n, 3, S, S) -> (n, g*g, 15)."""
+    quads = F.adaptive_avg_pool2d(images, 2 * g)  # (n, 3, 2g, 2g)
+    n = images.shape[0]
+    q = quads.view(n, 3, g, 2, g, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 12)
+    std = (F.adaptive_avg_pool2d(images**2, g) - F.adaptive_avg_pool2d(images, g) ** 2).clamp(min=0).sqrt()
+    f = torch.cat([q, std.flatten(2).transpose(1, 2)], dim=-1)
+    f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
+    return F.normalize(f, dim=-1)
+
+
+def prior_dice(prior: torch.Tensor, masks: torch.Tensor) -> float:
+    """Dice of a (b, 1, g, g) prior upsampled (bilinear) to the masks and thresholded at 0.5."""
+    up = F.interpolate(prior, size=masks.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return float(np.mean(batch_dice(up, masks[:, 0])))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,6 +106,18 @@ def main(argv: list[str] | None = None) -> int:
                 f"cos_s_c_k{a.k}": F.cosine_similarity(sk, c, dim=-1).mean().item(),
                 "s_shift": ((sk - s0).norm() / s0.norm()).item(),
             }
+            # label propagation alone (no LM, no decoder): the model's learned prior where it has one,
+            # and the same propagation over hand-made pixel keys (a training-free reference)
+            simg = torch.stack([torch.stack(list(c["support_images"])) for c in chunk])
+            smsk = torch.stack([torch.stack(list(c["support_masks"])) for c in chunk])
+            kk = [simg.shape[1]] * len(chunk)
+            enc = pipe.encoder
+            if hasattr(enc, "prior_key"):
+                grid_q, grid_s = enc.vision_grid(img), enc.vision_grid(simg.flatten(0, 1))
+                row["dice_prior_learned"] = prior_dice(enc.support_prior(grid_q, grid_s, smsk, kk), msk)
+            gp = cfg.image_size // cfg.vision.patch_size
+            row["dice_prior_pixels"] = prior_dice(
+                propagate_labels(pixel_keys(img, gp), pixel_keys(simg.flatten(0, 1), gp), smsk, kk, PIXEL_PRIOR_SCALE), msk)
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     mean = {"task": "mean", "n": sum(r["n"] for r in rows)}
