@@ -24,10 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import shutil
 import sqlite3
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable, Sequence
@@ -40,6 +37,7 @@ from PIL import Image
 
 from retrieval import index as ix
 from retrieval.embedders import Embedder, get_embedder
+from segicl.io import atomic_directory
 
 FORMAT = "segicl-support-store"
 FORMAT_VERSION = 1
@@ -437,9 +435,13 @@ class SupportStore:
         if self.index is None:
             raise StoreError("cannot save an empty, unbuilt store")
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-        try:
+        if path.exists():
+            foreign = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
+            foreign = [n for n in foreign if n not in (INDEX_FILE, META_FILE, MANIFEST_FILE)]
+            if foreign:
+                raise StoreError(f"{path}: exists and holds files other than a support store's ({foreign[:3]}); "
+                                 "refusing to overwrite it")
+        with atomic_directory(path) as tmp:
             data = ix.serialize(self.index)
             ix.atomic_write_bytes(tmp / INDEX_FILE, data)
             self._write_sqlite(tmp / META_FILE)
@@ -457,23 +459,6 @@ class SupportStore:
                           for name in (INDEX_FILE, META_FILE)},
             }
             ix.atomic_write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
-            _fsync_dir(tmp)
-            if path.exists():
-                foreign = sorted(p.name for p in path.iterdir()) if path.is_dir() else [path.name]
-                foreign = [n for n in foreign if n not in (INDEX_FILE, META_FILE, MANIFEST_FILE)]
-                if foreign:
-                    raise StoreError(f"{path}: exists and holds files other than a support store's ({foreign[:3]}); "
-                                     "refusing to overwrite it")
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-                os.replace(path, old / "store")
-                os.replace(tmp, path)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, path)
-            _fsync_dir(path.parent)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         return path
 
     def _write_sqlite(self, file: Path) -> None:
@@ -605,19 +590,6 @@ class SupportStore:
                 "modalities": sorted({r.modality for r in self.records}),
                 "versions": getattr(self, "manifest", {}).get("versions", _versions()),
                 "created": getattr(self, "manifest", {}).get("created")}
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(str(path), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class _NoBar:

@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +36,7 @@ from segicl.config import SegICLConfig, load_preset
 from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
 from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
+from segicl.io import atomic_directory
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
 PARTS = ("encoder", "condition_encoder", "decoder")
@@ -143,9 +141,7 @@ class SegICLPipeline:
     def save_pretrained(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         """Write the pipeline to ``path`` atomically (temp dir + rename); ``extra`` goes into manifest.json."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
+        with atomic_directory(path) as tmp:
             self.config.save(tmp / "config.json")
             (tmp / "decoder_structure.json").write_text(json.dumps(self.decoder.structure(), indent=2, default=list) + "\n")
             self.scheduler.save_config(tmp)
@@ -156,16 +152,6 @@ class SegICLPipeline:
             manifest = {"format": "segicl-pipeline/1", "files": {f: _sha256(tmp / f) for f in files},
                         "num_parameters": self.num_parameters(), **(extra or {})}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -17,8 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from segicl.io import atomic_directory
 from segicl.vlsm.base import MODES, VLSMNet, check_mode
 from segicl.vlsm.tokenizers import load_tokenizer, tokenize
 
@@ -199,26 +198,13 @@ class VLSMModel(nn.Module):
         from safetensors.torch import save_file
 
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
+        with atomic_directory(path) as tmp:
             meta = {"format": FORMAT, "version": FORMAT_VERSION, "model": self.model_name, "mode": self.mode,
                     "config": self.config}
             (tmp / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True), encoding="utf-8")
             state = {k: v.detach().cpu().contiguous().clone() for k, v in self.net.state_dict().items()}
             save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
             self.tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            backup = None
-            if path.exists():
-                backup = path.parent / f".{path.name}.old-{uuid.uuid4().hex[:8]}"
-                os.replace(path, backup)
-            os.replace(tmp, path)
-            if backup is not None:
-                shutil.rmtree(backup, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

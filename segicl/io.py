@@ -1,0 +1,56 @@
+"""Atomic writes of checkpoint folders (pipeline, VLSM models, support stores).
+
+:func:`atomic_directory` yields a fresh temporary folder beside the target; the caller writes every
+file into it; on success the folder is fsynced and swapped in with ``os.replace`` (an existing target
+is first moved aside and removed only after the swap), so a reader never sees a half-written
+checkpoint and an interrupted save leaves the previous one intact. On any error the temporary folder
+is removed and the target is untouched.
+
+    with atomic_directory("runs/model") as tmp:
+        (tmp / "config.json").write_text(...)
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Flush a folder's entries to disk (best effort: some filesystems refuse directory fsync)."""
+    try:
+        fd = os.open(str(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_directory(path: str | Path) -> Iterator[Path]:
+    """Write a folder atomically: yields a temporary folder, swapped in for ``path`` on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / path.name)
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
