@@ -124,14 +124,14 @@ def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
 
 
-def propagate_labels(q_keys: torch.Tensor, s_keys: torch.Tensor, support_masks: torch.Tensor, ks: list[int],
+def propagate_labels(q_keys: torch.Tensor, s_keys: torch.Tensor, support_masks: torch.Tensor | None, ks: list[int],
                      scale: torch.Tensor | float) -> torch.Tensor:
     """Each query patch's softmax(scale * cosine) average of its supports' patch mask values.
 
     Args:
         q_keys: (b, g*g, d) L2-normalised query patch keys.
         s_keys: (sum k, g*g, d) the supports' keys, item after item.
-        support_masks: (b, K, 1, M, M) masks, area-pooled here to g x g.
+        support_masks: (b, K, 1, M, M) masks, area-pooled here to g x g (None when every k is 0).
         ks: supports per item.
     Returns:
         (b, 1, g, g) prior in [0, 1], zeros where k = 0.
@@ -219,7 +219,8 @@ class MultimodalEncoder(nn.Module):
         g = int(round(t**0.5))
         return self._to_grid(cond.transpose(1, 2).reshape(n, d, g, g), self.cfg.vision.pool_to)
 
-    def support_prior(self, q_grid: torch.Tensor, s_grid: torch.Tensor, support_masks: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    def support_prior(self, q_grid: torch.Tensor, s_grid: torch.Tensor, support_masks: torch.Tensor | None,
+                      ks: list[int]) -> torch.Tensor:
         """Label propagation over learned keys: (b, w, g, g) query and (sum k, w, g, g) support
         features, (b, K, 1, M, M) support masks -> (b, 1, g, g) prior in [0, 1] (zeros where k = 0)."""
         q = F.normalize(self.prior_key(q_grid.flatten(2).transpose(1, 2)), dim=-1)
@@ -265,17 +266,13 @@ class MultimodalEncoder(nn.Module):
         vis = self.image_proj(self._to_grid(grid, self.cfg.vision.pool_to))
         q_tok, s_tok = vis[:b], vis[b:]
         slots = self.slots.expand(b, -1, -1)
+        gc = int(round(self.cfg.num_condition_tokens**0.5))  # side of the condition grid
         if self.cfg.lm.slot_init == "query":
-            gc = int(round(self.cfg.num_condition_tokens**0.5))
             slots = slots + self.slot_proj(self._to_grid(grid[:b], gc))
         if self.cfg.lm.support_prior == "attention":
-            gc = int(round(self.cfg.num_condition_tokens**0.5))
-            if sum(ks):
-                if support_masks is None:
-                    raise ValueError("lm.support_prior='attention' needs support_masks")
-                prior = self.support_prior(grid[:b], grid[b:], support_masks, ks)
-            else:
-                prior = grid.new_zeros(b, 1, grid.shape[-1], grid.shape[-1])
+            if sum(ks) and support_masks is None:
+                raise ValueError("lm.support_prior='attention' needs support_masks")
+            prior = self.support_prior(grid[:b], grid[b:], support_masks, ks)  # zeros for items with k = 0
             has = torch.tensor([float(k > 0) for k in ks], device=dev, dtype=prior.dtype).view(b, 1, 1, 1)
             feats = torch.cat([prior, has.expand_as(prior)], dim=1)
             slots = slots + self.prior_proj(self._to_grid(feats, gc))
