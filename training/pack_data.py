@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segicl.data import find_datasets, load_dataset
 from training.cache import _load_pair, stems_for, stored_size
+from training.vlsm_task import resolve_datasets
 
 
 def pack(data: Sequence[str | Path], out: str | Path, size: int = 64, margin: float = 0.125,
@@ -35,14 +35,9 @@ def pack(data: Sequence[str | Path], out: str | Path, size: int = 64, margin: fl
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; pack into a new folder")
     stored = stored_size(size, margin)
-    folders = [f for d in map(Path, data)
-               for f in ([d] if (d / "images").is_dir() else find_datasets(d, exclude=list(exclude)))]
-    if not folders:
-        raise FileNotFoundError(f"no dataset folders under {list(map(str, data))} (excluding {list(exclude)})")
     written = []
-    for folder in folders:
-        ds = load_dataset(folder)
-        meta_path = Path(folder) / "dataset.json"
+    for ds in resolve_datasets(data, exclude):
+        meta_path = Path(ds.root) / "dataset.json"
         if not meta_path.is_file():
             raise FileNotFoundError(f"{meta_path}: pack_data needs the documented layout (dataset.json)")
         meta = json.loads(meta_path.read_text())
@@ -62,8 +57,8 @@ def pack(data: Sequence[str | Path], out: str | Path, size: int = 64, margin: fl
                 else:
                     Image.fromarray(img, "RGB").save(dst / "images" / f"{stem}.png", optimize=True)
                 Image.fromarray(lm, "L").save(dst / "masks" / f"{stem}.png", optimize=True)
-        if (Path(folder) / "prompts.json").is_file():
-            shutil.copy(Path(folder) / "prompts.json", dst / "prompts.json")
+        if (Path(ds.root) / "prompts.json").is_file():
+            shutil.copy(Path(ds.root) / "prompts.json", dst / "prompts.json")
         (dst / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n")
         written.append(dst)
     return written

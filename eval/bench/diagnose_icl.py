@@ -30,10 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segicl.data import find_datasets, load_dataset
 from segicl.encoder import propagate_labels
 from segicl.pipeline import SegICLPipeline, default_checkpoint
 from training.common import batch_dice, val_items
+from training.vlsm_task import resolve_datasets
 
 PIXEL_PRIOR_SCALE = 10.0  # fixed (the learned prior's initial value), not tuned
 
@@ -71,10 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     pipe = SegICLPipeline.from_pretrained(a.checkpoint or default_checkpoint())
-    folders = []
-    for d in a.data:
-        folders += [d] if (d / "images").is_dir() else find_datasets(d)
-    datasets = [load_dataset(f) for f in folders]
+    datasets = resolve_datasets(a.data)
     cfg = pipe.config
     items = val_items(datasets, a.per_task, a.seed, cfg.image_size, cfg.mask_size, split=a.split, k=a.k)
     tasks = sorted({it["task"] for it in items})
