@@ -24,9 +24,8 @@ import tarfile
 import time
 from pathlib import Path
 
-T0 = time.time()
 BUDGET = float(os.environ.get("BUDGET_S", 520))
-DEADLINE = T0 + BUDGET
+T0 = DEADLINE = 0.0  # set when main() starts
 OUT = Path(os.environ.get("OUT", "/tmp/out"))
 R = Path(os.environ.get("RUNS", "/tmp/r"))
 BS1, BS2 = int(os.environ.get("BS1", 64)), int(os.environ.get("BS2", 32))
@@ -43,7 +42,7 @@ VARIANTS = {
     "B_flip15": ENC + ["--set", "data.text_drop_prob=0.2", "--set", "data.invert_prob=0.15"],
     "C_flip05": ENC + ["--set", "data.text_drop_prob=0.1", "--set", "data.invert_prob=0.05"],
 }
-REPORT = {"t0": T0, "budget_s": BUDGET, "phases": {}}
+REPORT = {"budget_s": BUDGET, "phases": {}}
 
 
 def log(msg):
