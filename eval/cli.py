@@ -35,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="dataset folder (repeat for several); a folder holding dataset folders is expanded")
     parser.add_argument("--split", default="test", help="split to evaluate (supports always come from train)")
     parser.add_argument("--methods", type=_str_list, default=["segicl"],
-                        help="comma list: segicl, vlsm:<saved model dir>, unet_supervised, unet_fewshot")
+                        help="comma list: segicl, labelprop, vlsm:<saved model dir>, unet_supervised, unet_fewshot")
     parser.add_argument("--k", type=_int_list, default=[0, 1, 3, 5], help="numbers of supports, e.g. 0,1,3,5")
     parser.add_argument("--supports", type=_str_list, default=["random"], help="random and/or retrieved")
     parser.add_argument("--draws", type=int, default=1, help="support draws per (k, policy)")
@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="with --loo: folder of checkpoints, one per held-out dataset")
     parser.add_argument("--steps", type=int, default=None, help="SegICL denoising steps (default: eval config)")
     parser.add_argument("--samples", type=int, default=None, help="SegICL diffusion samples (default: eval config)")
+    parser.add_argument("--matching", choices=["none", "route"], default=None,
+                        help="SegICL matching.mode for this run (default: the checkpoint's config); route = with "
+                             "supports, the decoder renders the label-propagation mask (segicl/matching.py)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -101,6 +104,9 @@ def main(args: argparse.Namespace) -> int:
         raise SystemExit("segicl evaluate: --checkpoints is for --loo (use --checkpoint for one model)")
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
+    eval_config = load_eval_config(args.config)
+    if args.matching is not None:
+        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "matching": args.matching}
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,
@@ -114,7 +120,7 @@ def main(args: argparse.Namespace) -> int:
         samples=args.samples,
         seed=args.seed,
         limit=args.limit,
-        config=load_eval_config(args.config),
+        config=eval_config,
         config_path=str(args.config) if args.config else None,
         command="segicl evaluate " + _describe(args),
         progress=not args.no_progress,
@@ -139,7 +145,8 @@ def _describe(args: argparse.Namespace) -> str:
     parts += ["--split", args.split, "--methods", ",".join(args.methods), "--k", ",".join(map(str, args.k)),
               "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
-                        ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config)):
+                        ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
+                        ("--matching", args.matching)):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -12,6 +12,8 @@ and may need a one-off preparation per binary task (the supervised U-Net trains 
 Method specifications (``--methods``)::
 
     segicl                 the SegICL pipeline (checkpoint from --checkpoint; "preset:tiny" = random tiny)
+    labelprop              training-free label propagation from the k supports (segicl/matching.py; no
+                           weights): the non-parametric reference every in-context model must beat
     vlsm:<saved dir>       a VLSM baseline saved with ``VLSMModel.save_pretrained`` (no supports)
     unet_supervised        MONAI UNet trained on the task's train split (the ceiling)
     unet_fewshot           MONAI UNet trained on the same k supports the in-context methods see (the floor)
@@ -33,7 +35,7 @@ import numpy as np
 from eval.unet import UNetConfig, UNetSegmenter, train_unet
 from segicl.data import Sample, SegDataset
 
-METHOD_KINDS = ("segicl", "vlsm", "unet_supervised", "unet_fewshot")
+METHOD_KINDS = ("segicl", "labelprop", "vlsm", "unet_supervised", "unet_fewshot")
 PRESET_PREFIX = "preset:"
 
 
@@ -142,6 +144,46 @@ def load_segicl(checkpoint: str | Path | None, seed: int = 0) -> tuple[Any, str]
     return seg_pipeline.SegICLPipeline.from_pretrained(str(checkpoint)), str(checkpoint)
 
 
+# --------------------------------------------------------------------------------- labelprop
+class LabelPropagation(Method):
+    """Training-free label propagation (:mod:`segicl.matching`): each query patch takes the support
+    labels of the support patches that look like it; the prior map, resized to the query, is the
+    probability. Settings: the ``labelprop`` block of the eval config (MatchingConfig fields and
+    ``size``, the side images are resized to), defaults = the SegICL matching defaults at 64 px."""
+
+    name = "labelprop"
+    uses_supports = True
+    min_k = 1
+
+    def __init__(self, config: dict | None = None):
+        from segicl.config import MatchingConfig
+
+        cfg = dict(config or {})
+        self.size = int(cfg.pop("size", 64))
+        cfg.pop("mode", None)
+        try:
+            self.cfg = MatchingConfig(**cfg)
+        except TypeError as e:
+            raise ValueError(f"eval config block 'labelprop': {e}") from None
+        if not 1 <= self.cfg.grid <= self.size // 2:
+            raise ValueError(f"eval config block 'labelprop': grid must be in 1..size/2 = {self.size // 2}, not {self.cfg.grid}")
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
+        from segicl.matching import match_supports
+
+        if not supports:
+            raise ValueError("labelprop needs at least one support")
+        q = image_to_tensor(query.image, self.size)[None]
+        simg = torch.stack([image_to_tensor(s.image, self.size) for s in supports])[None]
+        smask = torch.stack([mask_to_tensor(s.mask, self.size) for s in supports])[None]
+        with torch.no_grad():
+            prior = match_supports(q, simg, smask, [len(supports)], self.cfg, self.size)[0, 0]
+        return resize_prob(prior, query.mask.shape), None
+
+
 # --------------------------------------------------------------------------------------- VLSM
 class VLSMMethod(Method):
     """A saved VLSM baseline (CLIPSeg / CRIS / BiomedCLIPSeg, any tuning mode): text + query, no supports."""
@@ -237,10 +279,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
     if kind not in METHOD_KINDS:
-        raise ValueError(f"unknown method {spec!r}; choose from segicl, vlsm:<saved dir>, unet_supervised, unet_fewshot")
+        raise ValueError(f"unknown method {spec!r}; choose from segicl, labelprop, vlsm:<saved dir>, unet_supervised, unet_fewshot")
     if kind == "vlsm" and not arg:
         raise ValueError("the VLSM method needs its saved model directory: vlsm:<dir>")
-    if kind in ("unet_supervised", "unet_fewshot") and arg:
+    if kind in ("labelprop", "unet_supervised", "unet_fewshot") and arg:
         raise ValueError(f"{kind} takes no argument, got {spec!r}")
     return kind, (arg or None)
 
@@ -249,7 +291,7 @@ def method_class(spec: str) -> type[Method]:
     """The class a spec builds; its class attributes tell the suite how to evaluate it."""
     kind, _ = parse_spec(spec)
     classes: dict[str, type[Method]] = {
-        "segicl": SegICLMethod, "vlsm": VLSMMethod, "unet_supervised": UNetSupervised, "unet_fewshot": UNetFewShot,
+        "segicl": SegICLMethod, "labelprop": LabelPropagation, "vlsm": VLSMMethod, "unet_supervised": UNetSupervised, "unet_fewshot": UNetFewShot,
     }  # fmt: skip
     return classes[kind]
 
@@ -278,9 +320,17 @@ def build_method(
     if kind == "segicl":
         pipe, desc = load_segicl(checkpoint if checkpoint is not None else arg, seed=seed)
         scfg = dict(config.get("segicl") or {})
+        if scfg.get("matching") is not None:  # override the checkpoint's matching.mode ("none" / "route")
+            from segicl.config import SegICLConfig, merge_overrides
+
+            pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": {"mode": scfg["matching"]}}))
+            desc += f" (matching.mode = {scfg['matching']})"
         method = SegICLMethod(pipe, steps if steps is not None else scfg.get("steps"),
                               samples if samples is not None else scfg.get("samples"), name=spec.strip())
         return method, {spec: desc}
+    if kind == "labelprop":
+        method = LabelPropagation(config.get("labelprop"))
+        return method, {spec: f"label propagation {method.cfg} at {method.size} px (no weights)"}
     if kind == "vlsm":
         from segicl.vlsm import load_vlsm
 

@@ -113,6 +113,20 @@ class SchedulerConfig:
 
 
 @dataclass
+class MatchingConfig:
+    """Training-free label propagation from the supports (segicl/matching.py)."""
+
+    mode: str = "none"  # "none" (paper: the supports reach the mask only through the LM's S) | "route":
+    #   with k >= 1 supports the condition tokens are the condition encoder's tokens of the label-propagation
+    #   mask (thresholded at ``threshold``) and the decoder renders that; k = 0 keeps the LM's S
+    grid: int = 32  # patches per side of the matching grid (2 px patches at 64 px)
+    scale: float = 100.0  # softmax inverse temperature on cosine similarity
+    position: float = 1.0  # weight of the (y, x) patch position in the features (0 = appearance only)
+    top_k: int | None = 20  # support patches each query patch votes over (None = all)
+    balanced: bool = True  # divide the votes by the supports' foreground / background fractions
+
+
+@dataclass
 class SegICLConfig:
     name: str = "tiny"
     image_size: int = 64
@@ -124,6 +138,7 @@ class SegICLConfig:
     condition: ConditionConfig = field(default_factory=ConditionConfig)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    matching: MatchingConfig = field(default_factory=MatchingConfig)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -144,6 +159,13 @@ class SegICLConfig:
             raise ValueError(f"lm.support_prior must be 'none' or 'attention', not {self.lm.support_prior!r}")
         if self.lm.support_tokens not in ("interleaved", "fused"):
             raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
+        m = self.matching
+        if m.mode not in ("none", "route"):
+            raise ValueError(f"matching.mode must be 'none' or 'route', not {m.mode!r}")
+        if not 1 <= m.grid <= self.image_size // 2:
+            raise ValueError(f"matching.grid must be in 1..image_size/2 = {self.image_size // 2}, not {m.grid}")
+        if m.top_k is not None and m.top_k < 1:
+            raise ValueError(f"matching.top_k must be a positive number or null, not {m.top_k}")
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -172,7 +194,7 @@ class SegICLConfig:
     def from_dict(cls, d: dict[str, Any]) -> SegICLConfig:
         d = copy.deepcopy(dict(d))
         parts = {"vision": VisionConfig, "lm": LMConfig, "condition": ConditionConfig, "decoder": DecoderConfig,
-                 "scheduler": SchedulerConfig}
+                 "scheduler": SchedulerConfig, "matching": MatchingConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known

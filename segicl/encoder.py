@@ -44,6 +44,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 
 from segicl.config import SegICLConfig
+from segicl.matching import propagate_labels
 
 MARKERS = {"image": 0, "mask": 1, "query": 2, "slots": 3}
 
@@ -122,32 +123,6 @@ def build_lm(cfg: SegICLConfig, vocab_size: int) -> Qwen2Model:
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
-
-
-def propagate_labels(q_keys: torch.Tensor, s_keys: torch.Tensor, support_masks: torch.Tensor | None, ks: list[int],
-                     scale: torch.Tensor | float) -> torch.Tensor:
-    """Each query patch's softmax(scale * cosine) average of its supports' patch mask values.
-
-    Args:
-        q_keys: (b, g*g, d) L2-normalised query patch keys.
-        s_keys: (sum k, g*g, d) the supports' keys, item after item.
-        support_masks: (b, K, 1, M, M) masks, area-pooled here to g x g (None when every k is 0).
-        ks: supports per item.
-    Returns:
-        (b, 1, g, g) prior in [0, 1], zeros where k = 0.
-    """
-    b, n, _ = q_keys.shape
-    g = int(round(n**0.5))
-    out = q_keys.new_zeros(b, n)
-    j = 0
-    for i, k in enumerate(ks):
-        if not k:
-            continue
-        vals = F.adaptive_avg_pool2d(support_masks[i, :k].float(), g).flatten().to(q_keys.dtype)  # (k*g*g,)
-        keys = s_keys[j : j + k].reshape(k * n, -1)
-        out[i] = torch.softmax(scale * q_keys[i] @ keys.T, dim=-1) @ vals
-        j += k
-    return out.view(b, 1, g, g)
 
 
 # ImageNet-style CLIP normalisation of [-1, 1] inputs

@@ -37,6 +37,7 @@ from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
 from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
 from segicl.io import atomic_directory
+from segicl.matching import match_supports
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
 PARTS = ("encoder", "condition_encoder", "decoder")
@@ -227,10 +228,28 @@ class SegICLPipeline:
             for i, sup in enumerate(supports):
                 for j, (im, mk) in enumerate(sup):
                     simg[i, j], smask[i, j] = im, mk
-            cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
             ks = [len(x) for x in supports]
+            if self.config.matching.mode == "route":
+                return self._route(images, texts, simg, smask, ks)
+            cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
             return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
         return self.encoder(texts, images)
+
+    def match(self, images: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor,
+              ks: list[int]) -> torch.Tensor:
+        """The label-propagation prior (b, 1, M, M) of each query from its supports (segicl/matching.py)."""
+        return match_supports(images, support_images, support_masks, ks, self.config.matching, self.config.mask_size)
+
+    def _route(self, images: torch.Tensor, texts: list[str], simg: torch.Tensor, smask: torch.Tensor,
+               ks: list[int]) -> torch.Tensor:
+        """``matching.mode = "route"``: items with supports get the condition encoder's tokens of their
+        thresholded label-propagation mask, items without supports the LM's S (k = 0)."""
+        prior = self.match(images, simg, smask, ks)
+        cond = self.condition_encoder((prior > self.config.threshold).float())
+        empty = [i for i, k in enumerate(ks) if not k]
+        if empty:
+            cond[empty] = self.encoder([texts[i] for i in empty], images[empty]).to(cond.dtype)
+        return cond
 
     @torch.no_grad()
     def __call__(self, images: Sequence[Any], text: str | Sequence[str | None] | None = None,

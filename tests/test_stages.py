@@ -113,6 +113,31 @@ def test_stage3_trains_only_the_decoder_on_predicted_tokens(stage1_model, tmp_pa
     assert any(not torch.equal(dec[k], v) for k, v in task.pipe.decoder.state_dict().items())
 
 
+def test_stage3_route_conditions_items_with_supports_on_the_matched_mask(stage1_model, tmp_path):
+    from training.episodes import collate
+    from training.stage3 import build_stage3_task
+
+    cfg = {"model": {"init": str(stage1_model), "matching": {"mode": "route"}},
+           "data": {"k_max": 2, "k_dist": [0.5, 0.0, 0.5], "route_prob": 1.0},
+           "train": {"max_steps": 1, "seed": 0}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, _ = build_stage3_task(cfg, [DEMO])
+    assert task.pipe.config.matching.mode == "route"  # saved with the checkpoint
+    batch = collate([ds[i] for i in range(8)])
+    ks = [int(k) for k in batch["num_supports"]]
+    assert 0 in ks and 2 in ks
+    seen = {}
+    task.decoder.loss = lambda q, qm, s, *a, **kw: seen.setdefault("s", s)
+    task(batch)
+    with torch.no_grad():
+        prior = task.pipe.match(batch["query_image"], batch["support_images"], batch["support_masks"], ks)
+        routed = task.pipe.condition_encoder((prior > 0.5).float())
+        lm = task.pipe.encoder(list(batch["text"]), batch["query_image"])
+    for i, k in enumerate(ks):
+        assert torch.allclose(seen["s"][i], routed[i] if k else lm[i], atol=1e-5), (i, k)
+
+
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])
 def test_stage_tasks_move_their_frozen_parts_along(stage, stage1_model):
     # accelerate's prepare moves the task with .to(device); the frozen teachers live outside the module

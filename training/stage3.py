@@ -12,6 +12,13 @@ on the tiny preset after 500 stage-2 steps: the decoder rendered the true C at v
 predicted S at 0.08 (k = 0) / 0.13 (k = 5), mostly empty masks. Teaching the decoder to render the
 ground-truth mask from S (with the query image as hint) closes that gap without touching the encoder.
 ``data.true_c_prob`` keeps a fraction of items on the true C so the decoder still renders C.
+
+``data.route_prob`` (for ``matching.mode = "route"``, segicl/matching.py): that fraction of the items
+with supports is conditioned on the condition encoder's tokens of the thresholded label-propagation
+mask instead, so the decoder learns to turn a coarse matched mask plus the query image into the true
+mask. ``model.matching`` (a dict of :class:`segicl.config.MatchingConfig` fields) overrides the
+pipeline's matching settings; the saved pipeline keeps them (so ``{mode: route}`` makes the
+checkpoint use the route at inference).
 """
 
 from __future__ import annotations
@@ -23,19 +30,21 @@ from typing import Any
 import torch
 from torch import nn
 
+from segicl.config import SegICLConfig, merge_overrides
 from segicl.pipeline import SegICLPipeline
 from training.common import PipelineTask, adamw_with_schedule, at_mask_size
 from training.stage2 import episode_data
 
 
 class Stage3Task(PipelineTask):
-    def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any], true_c_prob: float = 0.0):
+    def __init__(self, pipe: SegICLPipeline, train_cfg: dict[str, Any], true_c_prob: float = 0.0, route_prob: float = 0.0):
         super().__init__()
         self.pipe = pipe
         self.decoder = pipe.decoder
         self._frozen = (pipe.encoder.requires_grad_(False).eval(), pipe.condition_encoder.requires_grad_(False).eval())
         self.train_cfg = train_cfg
         self.true_c_prob = float(true_c_prob)
+        self.route_prob = float(route_prob)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         enc, ce = self._frozen
@@ -53,6 +62,13 @@ class Stage3Task(PipelineTask):
             if self.true_c_prob > 0:
                 use_c = (torch.rand(b, device=c.device) < self.true_c_prob).view(b, 1, 1)
                 s = torch.where(use_c, c, s)
+            if self.route_prob > 0 and k:
+                ks_list = [int(x) for x in ks]
+                prior = self.pipe.match(q, simg, smask, ks_list)
+                routed = ce((prior > self.pipe.config.threshold).float())
+                has = torch.tensor([x > 0 for x in ks_list], device=c.device)
+                use_r = ((torch.rand(b, device=c.device) < self.route_prob) & has).view(b, 1, 1)
+                s = torch.where(use_r, routed, s)
         return self.decoder.loss(q, qm, s, self.pipe.scheduler, cond_dropout=0.0, cond_noise=0.0)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -73,8 +89,10 @@ def build_stage3_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
     if not init:
         raise ValueError("stage 3 needs model.init: the stage-2 checkpoint directory (a saved pipeline)")
     pipe = SegICLPipeline.from_pretrained(init)
+    if mcfg.get("matching"):
+        pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": mcfg["matching"]}))
     pipe.decoder.requires_grad_(True)
-    task = Stage3Task(pipe, train_cfg, float(data_cfg.get("true_c_prob", 0.0)))
+    task = Stage3Task(pipe, train_cfg, float(data_cfg.get("true_c_prob", 0.0)), float(data_cfg.get("route_prob", 0.0)))
     task.train()
     task._frozen[0].eval()
     train_ds, val_fn = episode_data(pipe, config, data_dirs, exclude, seed_offset=3)

@@ -14,8 +14,10 @@ Per (dataset, label), on ``--per-task`` queries of ``--split`` with supports fro
 * ``s_shift``: ||S(k) - S(0)|| / ||S(0)|| (does S depend on the supports at all?);
 * ``dice_prior_learned`` (models with ``lm.support_prior="attention"``): the label-propagation prior
   alone, upsampled and thresholded (do the learned patch correspondences transfer?);
-* ``dice_prior_pixels``: the same propagation over hand-made pixel keys (quadrant colours and
-  texture per patch, fixed temperature 10): a training-free reference for the correspondence.
+* ``dice_prior_pixels``: the training-free label propagation of :mod:`segicl.matching` (the
+  checkpoint's ``matching`` settings: hand-made patch features, class-balanced top-k votes) alone;
+* ``dice_route``: the decoder rendering that propagated mask (``matching.mode = "route"``: the
+  condition encoder's tokens of the thresholded prior); does the decoder keep, lose or sharpen it?
 
 Writes diagnose.csv and diagnose.md in ``--out`` and prints the table.
 """
@@ -30,25 +32,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from segicl.encoder import propagate_labels
 from segicl.pipeline import SegICLPipeline, default_checkpoint
 from training.common import batch_dice, val_items
 from training.vlsm_task import resolve_datasets
-
-PIXEL_PRIOR_SCALE = 10.0  # fixed (the learned prior's initial value), not tuned
-
-
-def pixel_keys(images: torch.Tensor, g: int) -> torch.Tensor:
-    """Hand-made patch keys for a training-free label propagation: per patch of a g x g grid, the mean
-    RGB of its four quadrants and its RGB std, standardised over the image's patches, L2-normalised.
-    (n, 3, S, S) -> (n, g*g, 15)."""
-    quads = F.adaptive_avg_pool2d(images, 2 * g)  # (n, 3, 2g, 2g)
-    n = images.shape[0]
-    q = quads.view(n, 3, g, 2, g, 2).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, 12)
-    std = (F.adaptive_avg_pool2d(images**2, g) - F.adaptive_avg_pool2d(images, g) ** 2).clamp(min=0).sqrt()
-    f = torch.cat([q, std.flatten(2).transpose(1, 2)], dim=-1)
-    f = (f - f.mean(1, keepdim=True)) / (f.std(1, keepdim=True) + 1e-6)
-    return F.normalize(f, dim=-1)
 
 
 def prior_dice(prior: torch.Tensor, masks: torch.Tensor) -> float:
@@ -112,9 +98,9 @@ def main(argv: list[str] | None = None) -> int:
             if hasattr(enc, "prior_key"):
                 grid_q, grid_s = enc.vision_grid(img), enc.vision_grid(simg.flatten(0, 1))
                 row["dice_prior_learned"] = prior_dice(enc.support_prior(grid_q, grid_s, smsk, kk), msk)
-            gp = cfg.image_size // cfg.vision.patch_size
-            row["dice_prior_pixels"] = prior_dice(
-                propagate_labels(pixel_keys(img, gp), pixel_keys(simg.flatten(0, 1), gp), smsk, kk, PIXEL_PRIOR_SCALE), msk)
+            matched = pipe.match(img, simg, smsk, kk)
+            row["dice_prior_pixels"] = prior_dice(matched, msk)
+            row["dice_route"] = dec(pipe.condition_encoder((matched > cfg.threshold).float()))
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     mean = {"task": "mean", "n": sum(r["n"] for r in rows)}
