@@ -142,6 +142,9 @@ class MaskDecoder(nn.Module):
         out = {"unet": dict(self.unet.config), "controlnet": dict(self.controlnet.config)}
         if self.vae is not None:
             out["vae"] = dict(self.vae.config)
+        for part in out.values():  # diffusers keeps this as a set: sorted, so a re-save writes the same bytes
+            if "_use_default_values" in part:
+                part["_use_default_values"] = sorted(part["_use_default_values"])
         return out
 
     @classmethod

@@ -22,16 +22,17 @@ def test_shipped_checkpoint_is_small_and_documented():
     assert size <= 50e6
     manifest = json.loads((ck / "manifest.json").read_text())
     assert manifest["stage"] == 3 and len(manifest["training"]) == 3
+    assert manifest["revisions"][-1]["matching.mode"] == "route"  # same weights, re-shipped after an evaluation
     assert all("last_step" in run for run in manifest["training"])
 
 
-def _demo_dice(pipe: SegICLPipeline) -> list[float]:
+def _demo_dice(pipe: SegICLPipeline, k: int = 3) -> list[float]:
     scores = []
     for folder in find_datasets(PACKAGE_DIR / "assets" / "demo"):
         ds = load_dataset(folder)
         (task,) = ds.tasks()
         queries = [ds.sample(s, task.label_value) for s in ds.stems("test")[:2]]
-        sup = [ds.sample(s, task.label_value) for s in ds.stems("train")[:3]]
+        sup = [ds.sample(s, task.label_value) for s in ds.stems("train")[:k]]
         out = pipe([q.image for q in queries], text=ds.instruction(task.label_value),
                    supports=[[(s.image, s.mask) for s in sup]] * len(queries), num_inference_steps=10,
                    generator=torch.Generator().manual_seed(0))
@@ -44,6 +45,15 @@ def _demo_dice(pipe: SegICLPipeline) -> list[float]:
 def test_shipped_checkpoint_segments_demo_queries_better_than_untrained():
     """Demo test queries (never trained on), k = 3 supports from the demo train split: the trained
     weights must beat the same architecture with random weights (a weak bar: see README results)."""
-    trained = _demo_dice(SegICLPipeline.from_pretrained(default_checkpoint()))
-    untrained = _demo_dice(SegICLPipeline.from_preset("tiny", seed=0))
+    pipe = SegICLPipeline.from_pretrained(default_checkpoint())
+    trained = _demo_dice(pipe)
+    untrained = _demo_dice(SegICLPipeline.from_preset("tiny", seed=0, matching={"mode": pipe.config.matching.mode}))
     assert np.mean(trained) > np.mean(untrained) + 0.05, (trained, untrained)
+
+
+def test_shipped_checkpoint_uses_its_supports():
+    """The shipped settings (matching.mode route): 3 supports must beat the same model without any."""
+    pipe = SegICLPipeline.from_pretrained(default_checkpoint())
+    assert pipe.config.matching.mode == "route"
+    with_supports, without = _demo_dice(pipe, k=3), _demo_dice(pipe, k=0)
+    assert np.mean(with_supports) > np.mean(without) + 0.1, (with_supports, without)
