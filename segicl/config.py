@@ -162,7 +162,7 @@ class SegICLConfig:
         m = self.matching
         if m.mode not in ("none", "route"):
             raise ValueError(f"matching.mode must be 'none' or 'route', not {m.mode!r}")
-        if not 1 <= m.grid <= self.image_size // 2:
+        if m.mode == "route" and not 1 <= m.grid <= self.image_size // 2:
             raise ValueError(f"matching.grid must be in 1..image_size/2 = {self.image_size // 2}, not {m.grid}")
         if m.top_k is not None and m.top_k < 1:
             raise ValueError(f"matching.top_k must be a positive number or null, not {m.top_k}")

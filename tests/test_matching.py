@@ -75,7 +75,7 @@ def test_matching_config_is_validated_and_old_configs_load_without_it():
     with pytest.raises(ValueError, match="matching.mode"):
         load_preset("tiny", matching={"mode": "nearest"})
     with pytest.raises(ValueError, match="matching.grid"):
-        load_preset("tiny", matching={"grid": 64})
+        load_preset("tiny", matching={"mode": "route", "grid": 64})
     d = load_preset("tiny").to_dict()
     d.pop("matching")
     assert SegICLConfig.from_dict(d).matching.mode == "none"
