@@ -10,8 +10,8 @@
 
 A saved pipeline is a directory: ``config.json`` (:class:`SegICLConfig`), ``decoder_structure.json``
 (the diffusers configs of UNet / ControlNet / VAE), ``scheduler_config.json`` and one safetensors file
-per part (``encoder``, ``condition_encoder``, ``decoder``), plus ``manifest.json`` with sha256 of
-every file. It is written to a temporary sibling directory and renamed into place, so an
+per part (``encoder``, ``condition_encoder``, ``decoder`` and, when there is one, ``route_decoder``),
+plus ``manifest.json`` with sha256 of every file. It is written to a temporary sibling directory and renamed into place, so an
 interrupted save never leaves a half-written checkpoint; loading verifies the checksums and loads only
 safetensors.
 """
@@ -40,7 +40,7 @@ from segicl.io import atomic_directory
 from segicl.matching import match_supports
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
-PARTS = ("encoder", "condition_encoder", "decoder")
+PARTS = ("encoder", "condition_encoder", "decoder")  # + the optional "route_decoder"
 
 
 def default_checkpoint() -> Path:
@@ -93,14 +93,21 @@ def _as_mask(x: Any, what: str) -> np.ndarray:
 
 
 class SegICLPipeline:
-    """The full model; a plain container (not an nn.Module) around the three trainable parts."""
+    """The full model; a plain container (not an nn.Module) around the three trainable parts.
+
+    ``route_decoder`` (optional): a second decoder for ``matching.mode = "route"``, used for the items
+    that have supports. Stage 3 adapts ``decoder`` to the LM's predicted tokens S, which costs it some
+    fidelity to crisp condition tokens; the route renders the condition tokens of a mask, which the
+    stage-1 decoder does best, so stage 3 can keep a frozen copy of it here (``model.route_decoder``).
+    """
 
     def __init__(self, encoder: MultimodalEncoder, condition_encoder: ConditionEncoder, decoder: MaskDecoder,
-                 scheduler: Any = None, config: SegICLConfig | None = None):
+                 scheduler: Any = None, config: SegICLConfig | None = None, route_decoder: MaskDecoder | None = None):
         self.config = config or encoder.cfg
         self.encoder = encoder
         self.condition_encoder = condition_encoder
         self.decoder = decoder
+        self.route_decoder = route_decoder
         self.scheduler = scheduler if scheduler is not None else build_scheduler(self.config)
         self.device = torch.device("cpu")
 
@@ -122,7 +129,10 @@ class SegICLPipeline:
         return cls.from_config(load_preset(name, **overrides), seed=seed)
 
     def modules(self) -> dict[str, torch.nn.Module]:
-        return {"encoder": self.encoder, "condition_encoder": self.condition_encoder, "decoder": self.decoder}
+        parts = {"encoder": self.encoder, "condition_encoder": self.condition_encoder, "decoder": self.decoder}
+        if self.route_decoder is not None:
+            parts["route_decoder"] = self.route_decoder
+        return parts
 
     def to(self, device: str | torch.device) -> SegICLPipeline:
         self.device = torch.device(device)
@@ -181,7 +191,8 @@ class SegICLPipeline:
         condition_encoder = ConditionEncoder.from_config(cfg)
         decoder = MaskDecoder.from_structure(structure, cfg)
         encoder = MultimodalEncoder(cfg)
-        pipe = cls(encoder, condition_encoder, decoder, scheduler, cfg)
+        route = MaskDecoder.from_structure(structure, cfg) if (path / "route_decoder.safetensors").is_file() else None
+        pipe = cls(encoder, condition_encoder, decoder, scheduler, cfg, route_decoder=route)
         for name, module in pipe.modules().items():
             f = path / f"{name}.safetensors"
             try:
@@ -234,6 +245,23 @@ class SegICLPipeline:
             cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
             return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
         return self.encoder(texts, images)
+
+    @torch.no_grad()
+    def decode(self, images: torch.Tensor, cond: torch.Tensor, ks: Sequence[int], num_inference_steps: int,
+               num_samples: int = 1, sampler: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Sample masks (b, num_samples, M, M) from condition tokens; with the route on and a
+        ``route_decoder``, the items with supports (``ks[i] > 0``) are rendered by the route decoder."""
+        sampler = sampler or self.config.scheduler.sampler
+        routed = [i for i, k in enumerate(ks) if k] if self.route_decoder is not None and self.config.matching.mode == "route" else []
+        if not routed:
+            return self.decoder.sample(images, cond, self.scheduler, num_inference_steps, num_samples, sampler, generator)
+        rest = [i for i in range(len(ks)) if i not in set(routed)]
+        out = torch.empty(len(ks), num_samples, self.config.mask_size, self.config.mask_size, device=images.device)
+        for idx, dec in ((routed, self.route_decoder), (rest, self.decoder)):
+            if idx:
+                out[idx] = dec.sample(images[idx], cond[idx], self.scheduler, num_inference_steps, num_samples, sampler,
+                                      generator).to(out.dtype)
+        return out
 
     def match(self, images: torch.Tensor, support_images: torch.Tensor, support_masks: torch.Tensor,
               ks: list[int]) -> torch.Tensor:
@@ -298,7 +326,7 @@ class SegICLPipeline:
                                   mask_to_tensor(_as_mask(mk, what), self.config.mask_size).to(self.device)))
                 sup_t.append(pairs)
             cond = self.encode(x, [texts[i] for i in idx], sup_t)
-            p = self.decoder.sample(x, cond, self.scheduler, steps, samples, sampler, generator)  # (b, S, M, M)
+            p = self.decode(x, cond, [len(s) for s in sup_t], steps, samples, sampler, generator)  # (b, S, M, M)
             mean = p.mean(1).cpu().numpy()
             std = p.std(1, unbiased=False).cpu().numpy()
             for r, i in enumerate(idx):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
 from segicl import PACKAGE_DIR
 from segicl.data import find_datasets, load_dataset
+from segicl.data.transforms import mask_to_tensor, resize_prob
 from segicl.pipeline import SegICLPipeline
 from training.common import batch_dice, val_items
 
@@ -136,6 +138,40 @@ def test_stage3_route_conditions_items_with_supports_on_the_matched_mask(stage1_
         lm = task.pipe.encoder(list(batch["text"]), batch["query_image"])
     for i, k in enumerate(ks):
         assert torch.allclose(seen["s"][i], routed[i] if k else lm[i], atol=1e-5), (i, k)
+
+
+def test_stage3_keeps_the_incoming_decoder_as_route_decoder(stage1_model, tmp_path):
+    from training.loop import train
+    from training.stage3 import build_stage3_task
+
+    cfg = {"model": {"init": str(stage1_model), "matching": {"mode": "route"}, "route_decoder": True},
+           "data": {"k_max": 2},
+           "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, _ = build_stage3_task(cfg, [DEMO])
+    before = {k: v.clone() for k, v in task.pipe.decoder.state_dict().items()}
+    assert not {id(p) for p in task.pipe.route_decoder.parameters()} & {id(p) for p in task.parameters()}
+    res = train(task, ds, None, cfg["train"])
+    route = task.pipe.route_decoder.state_dict()
+    assert all(torch.equal(before[k], v) for k, v in route.items())  # the stage-1 decoder, untouched
+    assert any(not torch.equal(before[k], v) for k, v in task.pipe.decoder.state_dict().items())
+
+    pipe = SegICLPipeline.from_pretrained(res["model_dir"])
+    assert pipe.route_decoder is not None and "route_decoder" in pipe.num_parameters()
+    assert all(torch.equal(route[k], v) for k, v in pipe.route_decoder.state_dict().items())
+    # items with supports are rendered by the route decoder, items without by the adapted decoder
+    ds_ = load_dataset(find_datasets(DEMO)[0])
+    (t,) = ds_.tasks()
+    q, s1 = (ds_.sample(s, t.label_value) for s in ds_.stems("train")[:2])
+    x = pipe._images_tensor([q.image], "q")
+    s_pair = (pipe._images_tensor([s1.image], "s")[0], mask_to_tensor(s1.mask, pipe.config.mask_size))
+    for sup, sup_t, dec in (([(s1.image, s1.mask)], [[s_pair]], pipe.route_decoder), ([], [[]], pipe.decoder)):
+        out = pipe([q.image], supports=[sup], num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        cond = pipe.encode(x, [""], sup_t)
+        ref = dec.sample(x, cond, pipe.scheduler, 2, 1, "ddim", torch.Generator().manual_seed(0))[0, 0]
+        assert np.allclose(out.probabilities[0], resize_prob(ref.numpy(), q.mask.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3"])

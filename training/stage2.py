@@ -112,7 +112,7 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                     sup = [list(zip(c["support_images"], c["support_masks"])) for c in chunk]
                     s = pipe.encode(img, [c["text"] for c in chunk], sup)
                     mse.append(F.mse_loss(s, pipe.condition_encoder(msk)).item())
-                    prob = pipe.decoder.sample(img, s, pipe.scheduler, steps, 1, pipe.config.scheduler.sampler, g)[:, 0]
+                    prob = pipe.decode(img, s, [len(x) for x in sup], steps, 1, None, g)[:, 0]
                     for c, d in zip(chunk, batch_dice(prob, msk[:, 0])):
                         per.setdefault(c["task"], []).append(d)
                 for name, v in sorted(per.items()):

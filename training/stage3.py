@@ -19,10 +19,16 @@ mask instead, so the decoder learns to turn a coarse matched mask plus the query
 mask. ``model.matching`` (a dict of :class:`segicl.config.MatchingConfig` fields) overrides the
 pipeline's matching settings; the saved pipeline keeps them (so ``{mode: route}`` makes the
 checkpoint use the route at inference).
+
+``model.route_decoder: true`` keeps a frozen copy of the incoming decoder (the stage-1 one, which
+renders crisp condition tokens best) as the pipeline's ``route_decoder``: items with supports are
+then rendered by it under the route, items without by the decoder this stage adapts to S. Measured on
+held-out datasets: README, "Label propagation route".
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -91,6 +97,10 @@ def build_stage3_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
     pipe = SegICLPipeline.from_pretrained(init)
     if mcfg.get("matching"):
         pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": mcfg["matching"]}))
+    if mcfg.get("route_decoder"):  # keep the incoming (stage-1) decoder, frozen, for the matching route
+        if pipe.route_decoder is None:
+            pipe.route_decoder = copy.deepcopy(pipe.decoder)
+        pipe.route_decoder.requires_grad_(False).eval()
     pipe.decoder.requires_grad_(True)
     task = Stage3Task(pipe, train_cfg, float(data_cfg.get("true_c_prob", 0.0)), float(data_cfg.get("route_prob", 0.0)))
     task.train()

@@ -17,7 +17,8 @@ Per (dataset, label), on ``--per-task`` queries of ``--split`` with supports fro
 * ``dice_prior_pixels``: the training-free label propagation of :mod:`segicl.matching` (the
   checkpoint's ``matching`` settings: hand-made patch features, class-balanced top-k votes) alone;
 * ``dice_route``: the decoder rendering that propagated mask (``matching.mode = "route"``: the
-  condition encoder's tokens of the thresholded prior); does the decoder keep, lose or sharpen it?
+  condition encoder's tokens of the thresholded prior, rendered by the route decoder where the
+  checkpoint has one); does the decoder keep, lose or sharpen it?
 
 Writes diagnose.csv and diagnose.md in ``--out`` and prints the table.
 """
@@ -77,9 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             sk = pipe.encode(img, texts, sup)
             sw = pipe.encode(img, texts, wrong)
 
-            def dec(cond, img=img, msk=msk):
+            def dec(cond, img=img, msk=msk, decoder=pipe.decoder):
                 g = torch.Generator().manual_seed(a.seed)
-                prob = pipe.decoder.sample(img, cond, pipe.scheduler, a.steps, 1, cfg.scheduler.sampler, g)[:, 0]
+                prob = decoder.sample(img, cond, pipe.scheduler, a.steps, 1, cfg.scheduler.sampler, g)[:, 0]
                 return float(np.mean(batch_dice(prob, msk[:, 0])))
 
             row = {
@@ -100,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                 row["dice_prior_learned"] = prior_dice(enc.support_prior(grid_q, grid_s, smsk, kk), msk)
             matched = pipe.match(img, simg, smsk, kk)
             row["dice_prior_pixels"] = prior_dice(matched, msk)
-            row["dice_route"] = dec(pipe.condition_encoder((matched > cfg.threshold).float()))
+            row["dice_route"] = dec(pipe.condition_encoder((matched > cfg.threshold).float()),
+                                    decoder=pipe.route_decoder or pipe.decoder)
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     mean = {"task": "mean", "n": sum(r["n"] for r in rows)}
