@@ -17,6 +17,12 @@ from training.common import batch_dice, val_items
 DEMO = PACKAGE_DIR / "assets" / "demo"
 
 
+def _quick(out_dir, steps: int = 2, batch_size: int = 2) -> dict:
+    """A few-step loop config for the stage tests (no progress bar, no tensorboard, no validation)."""
+    return {"max_steps": steps, "batch_size": batch_size, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
+            "val_every": -1, "out_dir": str(out_dir), "seed": 0, "progress": False, "tensorboard": False}
+
+
 def test_batch_dice_cases():
     p = torch.zeros(3, 4, 4)
     t = torch.zeros(3, 4, 4)
@@ -44,8 +50,7 @@ def stage1_model(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("s1")
     cfg = {"model": {"preset": "tiny"}, "data": {},
-           "train": {"max_steps": 3, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
-                     "val_every": -1, "out_dir": str(out), "seed": 0, "progress": False, "tensorboard": False}}
+           "train": _quick(out, 3, 4)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task, ds, val = build_stage1_task(cfg, [DEMO])
@@ -72,8 +77,7 @@ def test_stage2_trains_only_the_encoder(stage1_model, tmp_path):
     from training.stage2 import build_stage2_task, make_val_fn
 
     cfg = {"model": {"init": str(stage1_model)}, "data": {"k_max": 3},
-           "train": {"max_steps": 2, "batch_size": 4, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
-                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+           "train": _quick(tmp_path, 2, 4)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task, ds, _ = build_stage2_task(cfg, [DEMO])
@@ -103,8 +107,7 @@ def test_stage3_trains_only_the_decoder_on_predicted_tokens(stage1_model, tmp_pa
     from training.stage3 import build_stage3_task
 
     cfg = {"model": {"init": str(stage1_model)}, "data": {"k_max": 2, "true_c_prob": 0.5},
-           "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
-                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+           "train": _quick(tmp_path, 2, 2)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task, ds, _ = build_stage3_task(cfg, [DEMO])
@@ -146,8 +149,7 @@ def test_stage3_keeps_the_incoming_decoder_as_route_decoder(stage1_model, tmp_pa
 
     cfg = {"model": {"init": str(stage1_model), "matching": {"mode": "route"}, "route_decoder": True},
            "data": {"k_max": 2},
-           "train": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "warmup_steps": 1, "log_every": 1,
-                     "val_every": -1, "out_dir": str(tmp_path), "seed": 0, "progress": False, "tensorboard": False}}
+           "train": _quick(tmp_path, 2, 2)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         task, ds, _ = build_stage3_task(cfg, [DEMO])
