@@ -459,11 +459,11 @@ def plot_dice_vs_k(summary: Sequence[dict], path: Path) -> Path:
             if lab not in handles:
                 handles[lab] = h
                 labels.append(lab)
-    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8,
-               frameon=False)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(labels) / 4), 1, 1))
+    lcol = max(1, min(len(labels), 2 * ncol))  # legend columns: as many as the panels' width holds
+    fig.legend([handles[lab] for lab in labels], labels, loc="lower center", ncol=lcol, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, (0.06 + 0.03 * math.ceil(len(labels) / lcol)) / nrow, 1, 1))
     path = Path(path)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # never cut the legend off
     plt.close(fig)
     return path
 
