@@ -19,7 +19,7 @@ are background.
 
 The defaults (``MatchingConfig``) were chosen on the *val* split of the three datasets that are never
 held out (BUS-BRA, FUSeg, HC18) with k = 5 random supports; the same setting is also best on the
-mean over all seven datasets' val splits (runs/v4/exp_match.py, README "Label propagation").
+mean over all seven datasets' val splits (README, "Label propagation route").
 """
 
 from __future__ import annotations

@@ -11,9 +11,9 @@
 A saved pipeline is a directory: ``config.json`` (:class:`SegICLConfig`), ``decoder_structure.json``
 (the diffusers configs of UNet / ControlNet / VAE), ``scheduler_config.json`` and one safetensors file
 per part (``encoder``, ``condition_encoder``, ``decoder`` and, when there is one, ``route_decoder``),
-plus ``manifest.json`` with sha256 of every file. It is written to a temporary sibling directory and renamed into place, so an
-interrupted save never leaves a half-written checkpoint; loading verifies the checksums and loads only
-safetensors.
+plus ``manifest.json`` with sha256 of every file. It is written to a temporary sibling directory and
+renamed into place, so an interrupted save never leaves a half-written checkpoint; loading verifies
+the checksums and loads only safetensors.
 """
 
 from __future__ import annotations
@@ -255,7 +255,7 @@ class SegICLPipeline:
         routed = [i for i, k in enumerate(ks) if k] if self.route_decoder is not None and self.config.matching.mode == "route" else []
         if not routed:
             return self.decoder.sample(images, cond, self.scheduler, num_inference_steps, num_samples, sampler, generator)
-        rest = [i for i in range(len(ks)) if i not in set(routed)]
+        rest = [i for i, k in enumerate(ks) if not k]
         out = torch.empty(len(ks), num_samples, self.config.mask_size, self.config.mask_size, device=images.device)
         for idx, dec in ((routed, self.route_decoder), (rest, self.decoder)):
             if idx:
