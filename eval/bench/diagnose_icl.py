@@ -78,14 +78,17 @@ def main(argv: list[str] | None = None) -> int:
             sk = pipe.encode(img, texts, sup)
             sw = pipe.encode(img, texts, wrong)
 
-            def dec(cond, img=img, msk=msk, decoder=pipe.decoder):
+            def dec(cond, img=img, msk=msk, decoder=pipe.decoder, k=0):
                 g = torch.Generator().manual_seed(a.seed)
-                prob = decoder.sample(img, cond, pipe.scheduler, a.steps, 1, cfg.scheduler.sampler, g)[:, 0]
+                if k:  # what the pipeline does with supports (the route decoder under the route, if any)
+                    prob = pipe.decode(img, cond, [k] * len(img), a.steps, 1, None, g)[:, 0]
+                else:
+                    prob = decoder.sample(img, cond, pipe.scheduler, a.steps, 1, cfg.scheduler.sampler, g)[:, 0]
                 return float(np.mean(batch_dice(prob, msk[:, 0])))
 
             row = {
                 "task": task, "n": len(chunk),
-                "dice_true_c": dec(c), "dice_k0": dec(s0), f"dice_k{a.k}": dec(sk), f"dice_k{a.k}_wrong": dec(sw),
+                "dice_true_c": dec(c), "dice_k0": dec(s0), f"dice_k{a.k}": dec(sk, k=a.k), f"dice_k{a.k}_wrong": dec(sw, k=a.k),
                 "cos_s_c_k0": F.cosine_similarity(s0, c, dim=-1).mean().item(),
                 f"cos_s_c_k{a.k}": F.cosine_similarity(sk, c, dim=-1).mean().item(),
                 "s_shift": ((sk - s0).norm() / s0.norm()).item(),
