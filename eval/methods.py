@@ -321,9 +321,7 @@ def build_method(
         pipe, desc = load_segicl(checkpoint if checkpoint is not None else arg, seed=seed)
         scfg = dict(config.get("segicl") or {})
         if scfg.get("matching") is not None:  # override the checkpoint's matching.mode ("none" / "route")
-            from segicl.config import SegICLConfig, merge_overrides
-
-            pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": {"mode": scfg["matching"]}}))
+            pipe.set_matching(mode=scfg["matching"])
             desc += f" (matching.mode = {scfg['matching']})"
         method = SegICLMethod(pipe, steps if steps is not None else scfg.get("steps"),
                               samples if samples is not None else scfg.get("samples"), name=spec.strip())

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from segicl import PACKAGE_DIR
 from segicl.condition_encoder import ConditionEncoder
-from segicl.config import SegICLConfig, load_preset
+from segicl.config import SegICLConfig, load_preset, merge_overrides
 from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
 from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
@@ -133,6 +133,11 @@ class SegICLPipeline:
         if self.route_decoder is not None:
             parts["route_decoder"] = self.route_decoder
         return parts
+
+    def set_matching(self, **fields: Any) -> SegICLPipeline:
+        """Change ``config.matching`` fields (e.g. ``mode="route"``), validated like a loaded config."""
+        self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"matching": fields}))
+        return self
 
     def to(self, device: str | torch.device) -> SegICLPipeline:
         self.device = torch.device(device)

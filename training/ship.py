@@ -25,7 +25,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from segicl.config import SegICLConfig, merge_overrides
 from segicl.pipeline import SegICLPipeline
 
 
@@ -64,7 +63,7 @@ def ship(model: Path, out: Path, runs: list[Path], note: str = "", max_mb: float
         extra["revisions"] = list(src_manifest.get("revisions", [])) + [
             {"git_commit": commit, "matching.mode": matching or pipe.config.matching.mode, "note": note}]
     if matching is not None:
-        pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": {"mode": matching}}))
+        pipe.set_matching(mode=matching)
     pipe.save_pretrained(out, extra=extra)
     size = sum(f.stat().st_size for f in out.iterdir()) / 1e6
     if size > max_mb:

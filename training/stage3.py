@@ -36,7 +36,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from segicl.config import SegICLConfig, merge_overrides
 from segicl.pipeline import SegICLPipeline
 from training.common import PipelineTask, adamw_with_schedule, at_mask_size
 from training.stage2 import episode_data
@@ -96,7 +95,7 @@ def build_stage3_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
         raise ValueError("stage 3 needs model.init: the stage-2 checkpoint directory (a saved pipeline)")
     pipe = SegICLPipeline.from_pretrained(init)
     if mcfg.get("matching"):
-        pipe.config = SegICLConfig.from_dict(merge_overrides(pipe.config.to_dict(), {"matching": mcfg["matching"]}))
+        pipe.set_matching(**mcfg["matching"])
     if mcfg.get("route_decoder"):  # keep the incoming (stage-1) decoder, frozen, for the matching route
         if pipe.route_decoder is None:
             pipe.route_decoder = copy.deepcopy(pipe.decoder)
