@@ -273,12 +273,16 @@ class SegICLPipeline:
         """The label-propagation prior (b, 1, M, M) of each query from its supports (segicl/matching.py)."""
         return match_supports(images, support_images, support_masks, ks, self.config.matching, self.config.mask_size)
 
+    def route_condition(self, prior: torch.Tensor) -> torch.Tensor:
+        """The route's condition tokens: the condition encoder's tokens of a thresholded
+        label-propagation mask (b, 1, M, M) from :meth:`match`."""
+        return self.condition_encoder((prior > self.config.threshold).float())
+
     def _route(self, images: torch.Tensor, texts: list[str], simg: torch.Tensor, smask: torch.Tensor,
                ks: list[int]) -> torch.Tensor:
-        """``matching.mode = "route"``: items with supports get the condition encoder's tokens of their
-        thresholded label-propagation mask, items without supports the LM's S (k = 0)."""
-        prior = self.match(images, simg, smask, ks)
-        cond = self.condition_encoder((prior > self.config.threshold).float())
+        """``matching.mode = "route"``: items with supports get :meth:`route_condition`, items without
+        supports the LM's S (k = 0)."""
+        cond = self.route_condition(self.match(images, simg, smask, ks))
         empty = [i for i, k in enumerate(ks) if not k]
         if empty:
             cond[empty] = self.encoder([texts[i] for i in empty], images[empty]).to(cond.dtype)

@@ -89,6 +89,7 @@ def test_route_renders_the_matched_mask_only_for_items_with_supports():
     s = pipe.encode(images, ["a", "a"], [[(img, mask)], []])
     prior = pipe.match(images[:1], img[None, None], mask[None, None], [1])
     assert torch.allclose(s[0], pipe.condition_encoder((prior > 0.5).float())[0], atol=1e-5)
+    assert torch.allclose(s[0], pipe.route_condition(prior)[0])
     assert torch.allclose(s[1], pipe.encoder(["a"], images[1:])[0], atol=1e-5)  # k = 0: the LM's S
     pipe.config.matching.mode = "none"
     assert not torch.allclose(pipe.encode(images, ["a", "a"], [[(img, mask)], []])[0], s[0], atol=1e-3)

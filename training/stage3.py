@@ -69,8 +69,7 @@ class Stage3Task(PipelineTask):
                 s = torch.where(use_c, c, s)
             if self.route_prob > 0 and k:
                 ks_list = [int(x) for x in ks]
-                prior = self.pipe.match(q, simg, smask, ks_list)
-                routed = ce((prior > self.pipe.config.threshold).float())
+                routed = self.pipe.route_condition(self.pipe.match(q, simg, smask, ks_list))
                 has = torch.tensor([x > 0 for x in ks_list], device=c.device)
                 use_r = ((torch.rand(b, device=c.device) < self.route_prob) & has).view(b, 1, 1)
                 s = torch.where(use_r, routed, s)

@@ -104,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["dice_prior_learned"] = prior_dice(enc.support_prior(grid_q, grid_s, smsk, kk), msk)
             matched = pipe.match(img, simg, smsk, kk)
             row["dice_prior_pixels"] = prior_dice(matched, msk)
-            row["dice_route"] = dec(pipe.condition_encoder((matched > cfg.threshold).float()),
-                                    decoder=pipe.route_decoder or pipe.decoder)
+            if cfg.matching.mode == "route":  # the k-support tokens above are already the route's
+                row["dice_route"] = row[f"dice_k{a.k}"]
+            else:
+                row["dice_route"] = dec(pipe.route_condition(matched), decoder=pipe.route_decoder or pipe.decoder)
         rows.append(row)
         print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
     mean = {"task": "mean", "n": sum(r["n"] for r in rows)}
