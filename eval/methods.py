@@ -163,10 +163,9 @@ class LabelPropagation(Method):
         cfg.pop("mode", None)
         try:
             self.cfg = MatchingConfig(**cfg)
-        except TypeError as e:
+            self.cfg.validate(self.size, active=True)
+        except (TypeError, ValueError) as e:
             raise ValueError(f"eval config block 'labelprop': {e}") from None
-        if not 1 <= self.cfg.grid <= self.size // 2:
-            raise ValueError(f"eval config block 'labelprop': grid must be in 1..size/2 = {self.size // 2}, not {self.cfg.grid}")
 
     def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         import torch

@@ -125,6 +125,15 @@ class MatchingConfig:
     top_k: int | None = 20  # support patches each query patch votes over (None = all)
     balanced: bool = True  # divide the votes by the supports' foreground / background fractions
 
+    def validate(self, image_size: int, active: bool) -> None:
+        """Check the fields; ``active``: matching will run on ``image_size`` images (then the grid must fit)."""
+        if self.mode not in ("none", "route"):
+            raise ValueError(f"matching.mode must be 'none' or 'route', not {self.mode!r}")
+        if active and not 1 <= self.grid <= image_size // 2:
+            raise ValueError(f"matching.grid must be in 1..image_size/2 = {image_size // 2}, not {self.grid}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"matching.top_k must be a positive number or null, not {self.top_k}")
+
 
 @dataclass
 class SegICLConfig:
@@ -159,13 +168,7 @@ class SegICLConfig:
             raise ValueError(f"lm.support_prior must be 'none' or 'attention', not {self.lm.support_prior!r}")
         if self.lm.support_tokens not in ("interleaved", "fused"):
             raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
-        m = self.matching
-        if m.mode not in ("none", "route"):
-            raise ValueError(f"matching.mode must be 'none' or 'route', not {m.mode!r}")
-        if m.mode == "route" and not 1 <= m.grid <= self.image_size // 2:
-            raise ValueError(f"matching.grid must be in 1..image_size/2 = {self.image_size // 2}, not {m.grid}")
-        if m.top_k is not None and m.top_k < 1:
-            raise ValueError(f"matching.top_k must be a positive number or null, not {m.top_k}")
+        self.matching.validate(self.image_size, active=self.matching.mode == "route")
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
