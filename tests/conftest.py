@@ -17,12 +17,13 @@ DATASETS = [
     "hc18_fetal_head_us",
     "acdc_cardiac_mri",
     "wbc_blood_smear",
+    "rossa_octa_vessel",
 ]
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """Path of ../shared/data (the 7 real datasets); skips the test when it is not there."""
+    """Path of ../shared/data (the 8 real datasets); skips the test when it is not there."""
     if not (SHARED_DATA / "kvasir_seg" / "dataset.json").is_file():
         pytest.skip(f"real datasets not found at {SHARED_DATA} (set SEGICL_SHARED_DATA or put ../shared beside the repo)")
     return SHARED_DATA

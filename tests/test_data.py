@@ -37,7 +37,7 @@ def test_all_shared_datasets_match_their_dataset_json(shared_data: Path) -> None
         assert len(ds) == sum(len(v) for v in meta["splits"].values())
         assert ds.labels == {int(k): v for k, v in meta["labels"].items()}
         total += len(ds)
-    assert total == 6011
+    assert total == 6311
 
 
 def test_multiclass_datasets_yield_one_task_per_label(shared_data: Path) -> None:
@@ -65,6 +65,15 @@ def test_sample_fields(shared_data: Path) -> None:
     assert s.instruction == "Segment the left ventricle cavity in this cardiac MRI image."
     rgb = load_dataset(shared_data / "kvasir_seg")
     assert rgb.sample(rgb.stems("train")[0], 255).image.mode == "RGB"
+
+
+def test_thin_structure_dataset_keeps_native_size(shared_data: Path) -> None:
+    ds = load_dataset(shared_data / "rossa_octa_vessel")
+    assert ds.labels == {255: "retinal vessel (OCTA)"}
+    assert [len(ds.stems(s)) for s in ("train", "val", "test")] == [210, 30, 60]
+    s = ds.sample(ds.stems("test")[0], 255)
+    assert s.image.size == (320, 320) and s.image.mode == "L"  # not downscaled to 256
+    assert 0.03 < s.mask.mean() < 0.3  # thin vessels: a small share of the pixels
 
 
 def test_prompts_json_alternatives(shared_data: Path) -> None:
