@@ -50,6 +50,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--matching", choices=["none", "route"], default=None,
                         help="SegICL matching.mode for this run (default: the checkpoint's config); route = with "
                              "supports, the decoder renders the label-propagation mask (segicl/matching.py)")
+    parser.add_argument("--fine", choices=["none", "auto", "always"], default=None,
+                        help="SegICL fine.mode for this run (default: the checkpoint's config, auto); auto = items "
+                             "whose supports' masks a mask_size grid cannot hold are segmented at native "
+                             "resolution (segicl/native.py); none = always the coarse model")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -107,6 +111,8 @@ def main(args: argparse.Namespace) -> int:
     eval_config = load_eval_config(args.config)
     if args.matching is not None:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "matching": args.matching}
+    if args.fine is not None:
+        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "fine": args.fine}
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,
@@ -146,7 +152,7 @@ def _describe(args: argparse.Namespace) -> str:
               "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
-                        ("--matching", args.matching)):
+                        ("--matching", args.matching), ("--fine", args.fine)):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -322,6 +322,9 @@ def build_method(
         if scfg.get("matching") is not None:  # override the checkpoint's matching.mode ("none" / "route")
             pipe.set_matching(mode=scfg["matching"])
             desc += f" (matching.mode = {scfg['matching']})"
+        if scfg.get("fine") is not None:  # override fine.mode ("none" / "auto" / "always")
+            pipe.set_fine(mode=scfg["fine"])
+            desc += f" (fine.mode = {scfg['fine']})"
         method = SegICLMethod(pipe, steps if steps is not None else scfg.get("steps"),
                               samples if samples is not None else scfg.get("samples"), name=spec.strip())
         return method, {spec: desc}

@@ -124,6 +124,8 @@ class MatchingConfig:
     position: float = 1.0  # weight of the (y, x) patch position in the features (0 = appearance only)
     top_k: int | None = 20  # support patches each query patch votes over (None = all)
     balanced: bool = True  # divide the votes by the supports' foreground / background fractions
+    features: str = "colour"  # "colour" (15 dims) or "multiscale" (+ local contrast and Hessian ridges)
+    max_support_patches: int | None = None  # vote over at most this many support patches (None = all)
 
     def validate(self, image_size: int, active: bool) -> None:
         """Check the fields; ``active``: matching will run on ``image_size`` images (then the grid must fit)."""
@@ -133,6 +135,37 @@ class MatchingConfig:
             raise ValueError(f"matching.grid must be in 1..image_size/2 = {image_size // 2}, not {self.grid}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"matching.top_k must be a positive number or null, not {self.top_k}")
+        if self.features not in ("colour", "multiscale"):
+            raise ValueError(f"matching.features must be 'colour' or 'multiscale', not {self.features!r}")
+        if self.max_support_patches is not None and self.max_support_patches < 1:
+            raise ValueError(f"matching.max_support_patches must be a positive number or null, not {self.max_support_patches}")
+
+
+@dataclass
+class FineConfig:
+    """Native-resolution label propagation for structures the coarse grid cannot hold (segicl/native.py).
+
+    The voting settings (scale, position, top_k, balanced) are ``matching``'s."""
+
+    mode: str = "auto"  # "none" | "always" (every item with supports) | "auto": items whose supports' masks,
+    #   taken to mask_size and back, keep a mean Dice below ``min_ceiling`` (thin structures: vessels, membranes)
+    min_ceiling: float = 0.85
+    max_size: int = 1024  # longer side of the working image (the image's own size when smaller; aspect kept)
+    patch: int = 2  # pixels per patch side at the working size
+    features: str = "multiscale"
+    max_support_patches: int | None = 8192
+
+    def validate(self) -> None:
+        if self.mode not in ("none", "auto", "always"):
+            raise ValueError(f"fine.mode must be 'none', 'auto' or 'always', not {self.mode!r}")
+        if not 0 <= self.min_ceiling <= 1:
+            raise ValueError(f"fine.min_ceiling must be in [0, 1], not {self.min_ceiling}")
+        if self.patch < 1 or self.max_size < 8 * self.patch:
+            raise ValueError(f"fine.patch must be >= 1 and fine.max_size >= 8 patches, not {self.patch} / {self.max_size}")
+        if self.features not in ("colour", "multiscale"):
+            raise ValueError(f"fine.features must be 'colour' or 'multiscale', not {self.features!r}")
+        if self.max_support_patches is not None and self.max_support_patches < 1:
+            raise ValueError(f"fine.max_support_patches must be a positive number or null, not {self.max_support_patches}")
 
 
 @dataclass
@@ -148,6 +181,7 @@ class SegICLConfig:
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
+    fine: FineConfig = field(default_factory=FineConfig)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -169,6 +203,7 @@ class SegICLConfig:
         if self.lm.support_tokens not in ("interleaved", "fused"):
             raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
         self.matching.validate(self.image_size, active=self.matching.mode == "route")
+        self.fine.validate()
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -197,7 +232,8 @@ class SegICLConfig:
     def from_dict(cls, d: dict[str, Any]) -> SegICLConfig:
         d = copy.deepcopy(dict(d))
         parts = {"vision": VisionConfig, "lm": LMConfig, "condition": ConditionConfig, "decoder": DecoderConfig,
-                 "scheduler": SchedulerConfig, "matching": MatchingConfig}
+                 "scheduler": SchedulerConfig, "matching": MatchingConfig,
+                 "fine": FineConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known

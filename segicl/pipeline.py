@@ -7,6 +7,10 @@
     out.masks[0]          # bool (H, W) at the query's original resolution
     out.probabilities[0]  # float32 (H, W): mean of the samples
     out.uncertainty[0]    # float32 (H, W): per-pixel std of the samples (0 with one sample)
+    out.paths[0]          # "encoder", "route" or "fine": which path made it
+
+With supports whose masks a ``mask_size`` grid cannot hold (thin structures; ``fine.mode = "auto"``),
+an item is segmented at its own resolution by segicl/native.py instead of the coarse model.
 
 A saved pipeline is a directory: ``config.json`` (:class:`SegICLConfig`), ``decoder_structure.json``
 (the diffusers configs of UNet / ControlNet / VAE), ``scheduler_config.json`` and one safetensors file
@@ -21,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
 from segicl.io import atomic_directory
 from segicl.matching import match_supports
+from segicl.native import fine_propagation, use_fine
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
 PARTS = ("encoder", "condition_encoder", "decoder")  # + the optional "route_decoder"
@@ -55,6 +60,9 @@ class SegICLOutput:
     masks: list[np.ndarray]
     probabilities: list[np.ndarray]
     uncertainty: list[np.ndarray]
+    # per image, the path that made it: "encoder" (the LM's S), "route" (the label-propagation mask
+    # rendered by the decoder) or "fine" (native-resolution propagation, segicl/native.py)
+    paths: list[str] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -137,6 +145,11 @@ class SegICLPipeline:
     def set_matching(self, **fields: Any) -> SegICLPipeline:
         """Change ``config.matching`` fields (e.g. ``mode="route"``), validated like a loaded config."""
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"matching": fields}))
+        return self
+
+    def set_fine(self, **fields: Any) -> SegICLPipeline:
+        """Change ``config.fine`` fields (e.g. ``mode="none"``), validated like a loaded config."""
+        self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"fine": fields}))
         return self
 
     def to(self, device: str | torch.device) -> SegICLPipeline:
@@ -322,27 +335,32 @@ class SegICLPipeline:
         samples = num_samples or sc.num_samples
         sampler = sampler or sc.sampler
         pil = [_as_image(im, f"images[{i}]") for i, im in enumerate(images)]
-        masks, probs, uncs = [], [], []
-        for start in range(0, n, batch_size):
-            idx = range(start, min(n, start + batch_size))
+        sup_pil = [[(_as_image(im, f"supports[{i}][{j}]"), _as_mask(mk, f"supports[{i}][{j}]"))
+                    for j, (im, mk) in enumerate(sup)] for i, sup in enumerate(supports)]
+        fine = [use_fine([m for _, m in sup], self.config.fine, self.config.mask_size) for sup in sup_pil]
+        masks: list[Any] = [None] * n
+        probs: list[Any] = [None] * n
+        uncs: list[Any] = [None] * n
+        paths = ["fine" if f else "route" if sup and self.config.matching.mode == "route" else "encoder"
+                 for f, sup in zip(fine, sup_pil)]
+        for i in (i for i in range(n) if fine[i]):
+            probs[i] = fine_propagation(pil[i], sup_pil[i], self.config.matching, self.config.fine)
+            uncs[i] = np.sqrt(probs[i] * (1 - probs[i]))  # std of a Bernoulli with the vote's probability
+            masks[i] = probs[i] > self.config.threshold
+        coarse = [i for i in range(n) if not fine[i]]
+        for start in range(0, len(coarse), batch_size):
+            idx = coarse[start : start + batch_size]
             x = torch.stack([image_to_tensor(pil[i], self.config.image_size) for i in idx]).to(self.device)
-            sup_t = []
-            for i in idx:
-                pairs = []
-                for j, (im, mk) in enumerate(supports[i]):
-                    what = f"supports[{i}][{j}]"
-                    pairs.append((image_to_tensor(_as_image(im, what), self.config.image_size).to(self.device),
-                                  mask_to_tensor(_as_mask(mk, what), self.config.mask_size).to(self.device)))
-                sup_t.append(pairs)
+            sup_t = [[(image_to_tensor(im, self.config.image_size).to(self.device),
+                       mask_to_tensor(mk, self.config.mask_size).to(self.device)) for im, mk in sup_pil[i]] for i in idx]
             cond = self.encode(x, [texts[i] for i in idx], sup_t)
             p = self.decode(x, cond, [len(s) for s in sup_t], steps, samples, sampler, generator)  # (b, S, M, M)
             mean = p.mean(1).cpu().numpy()
             std = p.std(1, unbiased=False).cpu().numpy()
             for r, i in enumerate(idx):
                 hw = (pil[i].height, pil[i].width)
-                prob = resize_prob(mean[r], hw)
-                probs.append(prob)
-                uncs.append(resize_prob(std[r], hw))
-                masks.append(prob > self.config.threshold)
-        return SegICLOutput(masks, probs, uncs)
+                probs[i] = resize_prob(mean[r], hw)
+                uncs[i] = resize_prob(std[r], hw)
+                masks[i] = probs[i] > self.config.threshold
+        return SegICLOutput(masks, probs, uncs, paths)
 

@@ -1,0 +1,24 @@
+"""``segicl benchmark NAME``: one module of eval/bench/ per benchmark (heavy imports inside each ``main``)."""
+
+from __future__ import annotations
+
+import argparse
+
+BENCHMARKS = {
+    "resolution": ("eval.bench.bench_resolution",
+                   "oracle Dice at each working size beside the propagation and the model (CSV + Markdown)"),
+}
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Entry point of the ``segicl.commands`` plugin group."""
+    import importlib
+
+    parser = subparsers.add_parser("benchmark", help="benchmarks that print tables and write CSV / Markdown",
+                                   description=__doc__)
+    sub = parser.add_subparsers(dest="benchmark", metavar="NAME", required=True)
+    for name, (module, text) in BENCHMARKS.items():
+        mod = importlib.import_module(module)
+        p = sub.add_parser(name, help=text, description=mod.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        mod.add_arguments(p)
+        p.set_defaults(func=mod.main)
