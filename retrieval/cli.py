@@ -340,6 +340,7 @@ def segment(args: argparse.Namespace) -> int:
         _save_png(Image.fromarray(np.round(prob * 255).astype(np.uint8)), args.out / names["prob"])
         _save_png(overlay(image, mask, supports), args.out / names["overlay"])
         entry = {"image": str(path), "stem": stem, "size_wh": list(size), "text": text, "outputs": names,
+                 "path": (getattr(out, "paths", None) or [None])[0],  # encoder / route / fine (native resolution): what made the mask
                  "foreground_fraction": round(float(mask.mean()), 6),
                  "supports": [{k: v for k, v in s.items() if k not in ("image", "mask")} for s in supports]}
         if unc is not None:
