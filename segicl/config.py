@@ -153,7 +153,8 @@ class FineConfig:
     max_size: int = 1024  # longer side of the working image (the image's own size when smaller; aspect kept)
     patch: int = 2  # pixels per patch side at the working size
     features: str = "multiscale"
-    max_support_patches: int | None = 8192
+    max_support_patches: int | None = 16384  # class-stratified sample of the support patches voted over
+    nprobe: int | None = 8  # faiss inverted file over the support patches (len // 256 lists); None = exact
 
     def validate(self) -> None:
         if self.mode not in ("none", "auto", "always"):
@@ -166,6 +167,8 @@ class FineConfig:
             raise ValueError(f"fine.features must be 'colour' or 'multiscale', not {self.features!r}")
         if self.max_support_patches is not None and self.max_support_patches < 1:
             raise ValueError(f"fine.max_support_patches must be a positive number or null, not {self.max_support_patches}")
+        if self.nprobe is not None and self.nprobe < 1:
+            raise ValueError(f"fine.nprobe must be a positive number or null, not {self.nprobe}")
 
 
 @dataclass

@@ -28,16 +28,22 @@ import torch
 import torch.nn.functional as F
 
 FEATURES = ("colour", "multiscale")
+IVF_LIST_SIZE = 256  # support patches per inverted list of the approximate search
 CONTEXT_SIGMAS = (1.0, 2.0, 4.0)  # multiscale: Gaussian scales in patches (2, 4, 8 px at 2 px patches)
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gaussian blur (torchvision), kernel clipped to the image so small grids still work."""
-    from torchvision.transforms.functional import gaussian_blur
-
+    """Separable Gaussian blur, reflect padding, kernel clipped to the image so small grids still work.
+    Written out because torchvision's ``gaussian_blur`` convolves the full 2-D kernel: identical output
+    (to 1e-6) but 0.25 s instead of 0.03 s at sigma 8 on 6 x 3 x 160 x 160 (the 2 cores)."""
     side = min(x.shape[-2:])
-    radius = max(1, min(int(3 * sigma + 0.5), side - 1))
-    return gaussian_blur(x, [2 * radius + 1] * 2, [sigma] * 2)
+    r = max(1, min(int(3 * sigma + 0.5), side - 1))
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = k / k.sum()
+    c = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
 
 
 def _context_features(images: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -108,26 +114,42 @@ def _support_sample(vals: torch.Tensor, budget: int, balanced: bool) -> torch.Te
     return torch.cat(pick).to(vals.device)
 
 
-def _top_k_search(queries: torch.Tensor, keys: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact inner-product top-k (faiss ``IndexFlatIP``: BLAS blocks and a heap, 1.4-1.6x faster than
-    torch matmul + topk on the 2 cores and without the (n_q, n_keys) matrix in memory)."""
+def _top_k_search(queries: torch.Tensor, keys: torch.Tensor, top_k: int, nprobe: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inner-product top-k with faiss: exact (``IndexFlatIP``: BLAS blocks and a heap, 1.4-1.6x faster
+    than torch matmul + topk on the 2 cores, without the (n_q, n_keys) matrix in memory), or with
+    ``nprobe`` an inverted file (``IndexIVFFlat``, ``len(keys) // 256`` lists, ``nprobe`` of them searched)."""
     import faiss
 
-    index = faiss.IndexFlatIP(keys.shape[-1])
-    index.add(keys.detach().float().cpu().contiguous().numpy())
-    sims, idx = index.search(queries.detach().float().cpu().contiguous().numpy(), top_k)
+    k = keys.detach().float().cpu().contiguous().numpy()
+    q = queries.detach().float().cpu().contiguous().numpy()
+    nlist = len(k) // IVF_LIST_SIZE
+    if nprobe is not None and nlist > nprobe:
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(k.shape[1]), k.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = 0
+        index.train(k)
+        index.nprobe = nprobe
+    else:
+        index = faiss.IndexFlatIP(k.shape[1])
+    index.add(k)
+    sims, idx = index.search(q, top_k)
+    missing = idx < 0  # an inverted-file search can return fewer than top_k hits
+    if missing.any():
+        sims[missing], idx[missing] = -1e4, 0
     return torch.from_numpy(sims).to(queries.device), torch.from_numpy(idx).long().to(queries.device)
 
 
 def vote(queries: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: torch.Tensor | float,
-         top_k: int | None = None, balanced: bool = False, max_support_patches: int | None = None) -> torch.Tensor:
+         top_k: int | None = None, balanced: bool = False, max_support_patches: int | None = None,
+         nprobe: int | None = None) -> torch.Tensor:
     """Label propagation for one query: (n, d) query keys, (m, d) support keys with (m,) mask values
-    -> (n,) probabilities (arguments as in :func:`propagate_labels`)."""
+    -> (n,) probabilities (arguments as in :func:`propagate_labels`; ``nprobe``: approximate top-k
+    search, see :func:`_top_k_search`)."""
     if max_support_patches is not None and len(vals) > max_support_patches:
         keep = _support_sample(vals, max_support_patches, balanced)
         keys, vals = keys[keep], vals[keep]
     if top_k is not None and top_k < len(vals):
-        sims, idx = _top_k_search(queries, keys, top_k)
+        sims, idx = _top_k_search(queries, keys, top_k, nprobe)
         w, v = torch.softmax(scale * sims, dim=-1), vals[idx]  # (n, top_k) each
     else:
         w, v = torch.softmax(scale * queries @ keys.T, dim=-1), vals.expand(len(queries), -1)

@@ -84,7 +84,7 @@ def fine_propagation(query: Image.Image, supports: Sequence[tuple[Image.Image, n
         query: the query image (any size, any aspect).
         supports: (image, binary mask) pairs, each at its own size (at least one).
         matching: :class:`segicl.config.MatchingConfig` (scale, position, top_k, balanced).
-        fine: :class:`segicl.config.FineConfig` (max_size, patch, features, max_support_patches).
+        fine: :class:`segicl.config.FineConfig` (max_size, patch, features, max_support_patches, nprobe).
     """
     from segicl.data.transforms import resize_prob
 
@@ -100,7 +100,7 @@ def fine_propagation(query: Image.Image, supports: Sequence[tuple[Image.Image, n
     grid = (shape[0] // fine.patch, shape[1] // fine.patch)
     q = patch_features(_image(query, shape), grid, matching.position, fine.features)[0]
     prob = vote(q, torch.cat(keys), torch.cat(vals), matching.scale, matching.top_k, matching.balanced,
-                fine.max_support_patches)
+                fine.max_support_patches, fine.nprobe)
     return resize_prob(prob.view(grid), (query.height, query.width))
 
 

@@ -77,6 +77,20 @@ def test_faiss_top_k_vote_equals_the_all_pairs_vote_on_small_inputs():
         torch.testing.assert_close(fast, ref, atol=1e-5, rtol=1e-4)
 
 
+def test_inverted_file_search_agrees_with_exact_search_on_clustered_keys():
+    g = torch.Generator().manual_seed(1)
+    centres = F.normalize(torch.randn(40, 16, generator=g), dim=-1)
+    lab = torch.randint(0, 40, (20000,), generator=g)
+    keys = F.normalize(centres[lab] + 0.15 * torch.randn(20000, 16, generator=g), dim=-1)
+    vals = (lab < 8).float()  # 8 of 40 clusters are foreground
+    qlab = torch.randint(0, 40, (500,), generator=g)
+    q = F.normalize(centres[qlab] + 0.15 * torch.randn(500, 16, generator=g), dim=-1)
+    exact = vote(q, keys, vals, 100.0, top_k=20, balanced=True)
+    approx = vote(q, keys, vals, 100.0, top_k=20, balanced=True, nprobe=8)  # 78 lists, 8 searched
+    assert ((exact > 0.5) == (approx > 0.5)).float().mean() > 0.99
+    assert ((approx > 0.5) == (qlab < 8)).float().mean() > 0.95
+
+
 def test_support_budget_keeps_both_classes():
     vals = torch.zeros(10000)
     vals[:300] = 1.0  # 3 % foreground
