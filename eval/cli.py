@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="SegICL fine.mode for this run (default: the checkpoint's config, auto); auto = items "
                              "whose supports' masks a mask_size grid cannot hold are segmented at native "
                              "resolution (segicl/native.py); none = always the coarse model")
+    parser.add_argument("--postprocess", choices=["none", "auto"], default=None,
+                        help="SegICL postprocess.mode for this run (default: the checkpoint's config, auto); auto = "
+                             "largest component / hole filling where the supports' masks are one piece / have no holes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -113,6 +116,8 @@ def main(args: argparse.Namespace) -> int:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "matching": args.matching}
     if args.fine is not None:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "fine": args.fine}
+    if args.postprocess is not None:
+        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "postprocess": args.postprocess}
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,
@@ -152,7 +157,8 @@ def _describe(args: argparse.Namespace) -> str:
               "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
-                        ("--matching", args.matching), ("--fine", args.fine)):
+                        ("--matching", args.matching), ("--fine", args.fine),
+                        ("--postprocess", args.postprocess)):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -113,6 +113,11 @@ class SegICLMethod(Method):
             **kwargs,
         )
         prob = np.asarray(out.probabilities[0], dtype=np.float32)
+        pp = getattr(out, "postprocess", None)
+        if pp and any(pp[0].values()):  # the mask was post-processed: the probability is clipped to agree with it
+            thr = np.float32(self.pipe.config.threshold)
+            prob = np.where(out.masks[0], np.maximum(prob, np.nextafter(thr, np.float32(1))),
+                            np.minimum(prob, np.nextafter(thr, np.float32(0)))).astype(np.float32)
         unc = getattr(out, "uncertainty", None)
         return prob, (np.asarray(unc[0], dtype=np.float32) if unc is not None and unc[0] is not None else None)
 
@@ -325,6 +330,9 @@ def build_method(
         if scfg.get("fine") is not None:  # override fine.mode ("none" / "auto" / "always")
             pipe.set_fine(mode=scfg["fine"])
             desc += f" (fine.mode = {scfg['fine']})"
+        if scfg.get("postprocess") is not None:  # override postprocess.mode ("none" / "auto")
+            pipe.set_postprocess(mode=scfg["postprocess"])
+            desc += f" (postprocess.mode = {scfg['postprocess']})"
         method = SegICLMethod(pipe, steps if steps is not None else scfg.get("steps"),
                               samples if samples is not None else scfg.get("samples"), name=spec.strip())
         return method, {spec: desc}

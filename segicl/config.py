@@ -172,6 +172,25 @@ class FineConfig:
 
 
 @dataclass
+class PostprocessConfig:
+    """Post-processing of the binary mask decided by the supports' masks (segicl/postprocess.py)."""
+
+    mode: str = "auto"  # "none" | "auto": solid supports (every mask one piece: >= min_largest of it in its
+    #   largest component, and no holes: filling adds <= max_holes) -> largest component, holes filled;
+    #   rings (one piece with a hole) -> fragments under min_fragment x the largest component dropped
+    min_largest: float = 0.95
+    max_holes: float = 0.01
+    min_fragment: float = 0.2
+
+    def validate(self) -> None:
+        if self.mode not in ("none", "auto"):
+            raise ValueError(f"postprocess.mode must be 'none' or 'auto', not {self.mode!r}")
+        if not (0 < self.min_largest <= 1 and self.max_holes >= 0 and 0 <= self.min_fragment <= 1):
+            raise ValueError(f"postprocess.min_largest and min_fragment must be in (0, 1] and max_holes >= 0, not "
+                             f"{self.min_largest} / {self.min_fragment} / {self.max_holes}")
+
+
+@dataclass
 class SegICLConfig:
     name: str = "tiny"
     image_size: int = 64
@@ -185,6 +204,7 @@ class SegICLConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     fine: FineConfig = field(default_factory=FineConfig)
+    postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -207,6 +227,7 @@ class SegICLConfig:
             raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
         self.matching.validate(self.image_size, active=self.matching.mode == "route")
         self.fine.validate()
+        self.postprocess.validate()
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -236,7 +257,7 @@ class SegICLConfig:
         d = copy.deepcopy(dict(d))
         parts = {"vision": VisionConfig, "lm": LMConfig, "condition": ConditionConfig, "decoder": DecoderConfig,
                  "scheduler": SchedulerConfig, "matching": MatchingConfig,
-                 "fine": FineConfig}
+                 "fine": FineConfig, "postprocess": PostprocessConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known

@@ -43,6 +43,7 @@ from segicl.encoder import MultimodalEncoder
 from segicl.io import atomic_directory
 from segicl.matching import match_supports
 from segicl.native import fine_propagation, use_fine
+from segicl.postprocess import Decision, apply, decide
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
 PARTS = ("encoder", "condition_encoder", "decoder")  # + the optional "route_decoder"
@@ -63,6 +64,9 @@ class SegICLOutput:
     # per image, the path that made it: "encoder" (the LM's S), "route" (the label-propagation mask
     # rendered by the decoder) or "fine" (native-resolution propagation, segicl/native.py)
     paths: list[str] = field(default_factory=list)
+    # per image, the post-processing the supports decided and applied to the mask (segicl/postprocess.py);
+    # the probabilities are not post-processed
+    postprocess: list[dict[str, bool]] = field(default_factory=list)
 
 
 def _sha256(path: Path) -> str:
@@ -150,6 +154,11 @@ class SegICLPipeline:
     def set_fine(self, **fields: Any) -> SegICLPipeline:
         """Change ``config.fine`` fields (e.g. ``mode="none"``), validated like a loaded config."""
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"fine": fields}))
+        return self
+
+    def set_postprocess(self, **fields: Any) -> SegICLPipeline:
+        """Change ``config.postprocess`` fields (e.g. ``mode="none"``), validated like a loaded config."""
+        self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"postprocess": fields}))
         return self
 
     def to(self, device: str | torch.device) -> SegICLPipeline:
@@ -362,5 +371,9 @@ class SegICLPipeline:
                 probs[i] = resize_prob(mean[r], hw)
                 uncs[i] = resize_prob(std[r], hw)
                 masks[i] = probs[i] > self.config.threshold
-        return SegICLOutput(masks, probs, uncs, paths)
+        pp = self.config.postprocess
+        decisions = [decide([m for _, m in sup], pp.min_largest, pp.max_holes) if pp.mode == "auto" else Decision()
+                     for sup in sup_pil]
+        masks = [apply(m, d, pp.min_fragment) for m, d in zip(masks, decisions)]
+        return SegICLOutput(masks, probs, uncs, paths, [d.to_dict() for d in decisions])
 
