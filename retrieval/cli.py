@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -275,14 +276,27 @@ def segment(args: argparse.Namespace) -> int:
 
     from retrieval.index import atomic_write_bytes
     from retrieval.store import StoreError, SupportStore
+    from segicl.data import DataError
 
     for p in args.image:
         if not p.is_file():
             print(f"segicl segment: {p}: image not found", file=sys.stderr)
             return 1
+    try:  # every input read before the model loads and before the output folder exists
+        for p in args.image:
+            _read_image(p)
+        given = _given_supports(args.support, args.label)
+    except DataError as exc:
+        print(f"segicl segment: {exc}", file=sys.stderr)
+        return 1
     if args.store is None and args.label is not None and not args.support:
         print("segicl segment: --label without --store or --support has no effect", file=sys.stderr)
-    given = _given_supports(args.support, args.label)
+    if args.store is not None and args.k == 0:
+        print("segicl segment: --k 0 with --store retrieves no supports (zero-shot)"
+              + ("; --label / --dataset have no effect" if args.label or args.dataset else ""), file=sys.stderr)
+    if given and args.text is None:
+        print("segicl segment: --support without --text: the instruction is empty (the supports alone define the task)",
+              file=sys.stderr)
     store = None
     if args.store is not None:
         try:
@@ -299,9 +313,28 @@ def segment(args: argparse.Namespace) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.image)
-    report: dict[str, Any] = {"checkpoint": args.checkpoint, "store": str(args.store) if args.store else None,
-                              "k": args.k if store is not None else len(given), "label": args.label,
-                              "steps": args.steps, "samples": args.samples, "seed": args.seed, "queries": []}
+    from segicl import __version__
+
+    cfg = getattr(pipe, "config", None)
+    sched = getattr(cfg, "scheduler", None)
+    if args.checkpoint is None:
+        from segicl.pipeline import default_checkpoint
+
+        checkpoint = str(default_checkpoint())
+    else:
+        checkpoint = str(Path(args.checkpoint).resolve())
+    # the values used, not the options given (None = the checkpoint's default)
+    report: dict[str, Any] = {
+        "segicl_version": __version__, "checkpoint": checkpoint,
+        "store": str(args.store) if args.store else None, "k": args.k if store is not None else len(given),
+        "label": args.label, "seed": args.seed,
+        "steps": args.steps or getattr(sched, "num_inference_steps", None),
+        "samples": args.samples or getattr(sched, "num_samples", None),
+        "matching": getattr(getattr(cfg, "matching", None), "mode", None),
+        "fine": getattr(getattr(cfg, "fine", None), "mode", None),
+        "postprocess": getattr(getattr(cfg, "postprocess", None), "mode", None),
+        "queries": []}
+    t_start = time.perf_counter()
     bar = None
     if not args.no_progress and len(args.image) > 1:
         from tqdm.auto import tqdm
@@ -343,6 +376,8 @@ def segment(args: argparse.Namespace) -> int:
                  "path": (getattr(out, "paths", None) or [None])[0],  # encoder / route / fine (native resolution): what made the mask
                  "foreground_fraction": round(float(mask.mean()), 6),
                  "supports": [{k: v for k, v in s.items() if k not in ("image", "mask")} for s in supports]}
+        if getattr(out, "postprocess", None):
+            entry["postprocess"] = out.postprocess[0]
         if unc is not None:
             entry["mean_uncertainty"] = round(float(np.mean(unc[0])), 6)
         report["queries"].append(entry)
@@ -350,6 +385,7 @@ def segment(args: argparse.Namespace) -> int:
             bar.update(1)
     if bar is not None:
         bar.close()
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 3)
     atomic_write_bytes(args.out / "segment.json", (json.dumps(report, indent=1) + "\n").encode())
     print(f"{args.out}: {len(args.image)} mask(s) written, segment.json lists the supports used")
     return 0

@@ -509,3 +509,49 @@ def test_growing_store_switches_to_ivfpq_without_reembedding(demo_dirs, demo_sto
     ds = load_dataset(demo_dirs[2])
     q = ds.sample(ds.stems("test")[1], 255).image
     assert store.search(q, k=1)[0].stem == demo_store.search(q, k=1)[0].stem
+
+
+def test_cli_segment_fails_fast_on_bad_input_before_loading_anything(demo_dirs, tmp_path, monkeypatch, capsys):
+    from retrieval import cli as rcli
+    from segicl.cli import main
+
+    def no_model(checkpoint):
+        raise AssertionError("the model must not load for bad input")
+
+    monkeypatch.setattr(rcli, "load_pipeline", no_model)
+    ds = load_dataset(demo_dirs[0])
+    good = ds.image_path(ds.stems("test")[0])
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    s0 = ds.stems("train")[0]
+    for argv, culprit in ((["--image", str(good), "--image", str(empty)], "empty.png"),
+                          (["--image", str(text)], "notes.png"),
+                          (["--image", str(good), "--support", f"{ds.image_path(s0)}:{empty}"], "empty.png")):
+        out = tmp_path / "seg"
+        assert main(["segment", *argv, "--out", str(out)]) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("segicl segment:") and culprit in err and len(err.splitlines()) == 1
+        assert not out.exists()  # nothing written
+
+
+def test_cli_segment_records_the_values_it_used(demo_dirs, tmp_path, monkeypatch, capsys):
+    from retrieval import cli as rcli
+    from segicl.cli import main
+    from segicl.config import load_preset
+
+    fake = FakePipeline()
+    fake.config = load_preset("tiny")
+    monkeypatch.setattr(rcli, "load_pipeline", lambda checkpoint: fake)
+    ds = load_dataset(demo_dirs[0])
+    s0 = ds.stems("train")[0]
+    out = tmp_path / "seg"
+    assert main(["segment", "--image", str(ds.image_path(ds.stems("test")[0])), "--out", str(out),
+                 "--support", f"{ds.image_path(s0)}:{ds.mask_path(s0)}", "--no-progress"]) == 0
+    assert "--support without --text" in capsys.readouterr().err
+    report = json.loads((out / "segment.json").read_text())
+    sched = fake.config.scheduler
+    assert report["steps"] == sched.num_inference_steps and report["samples"] == sched.num_samples
+    assert report["checkpoint"] and report["segicl_version"] and report["wall_seconds"] >= 0
+    assert (report["fine"], report["postprocess"]) == ("auto", "auto")
