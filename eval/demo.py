@@ -8,7 +8,9 @@
    zero-shot (k = 0), both from the same seed;
 3. writes ``<dataset>/<stem>.png`` (mask, 0/255, original resolution), ``<stem>_prob.png``,
    ``<stem>_overlay.png`` (prediction in red over the query, the retrieved supports in a strip),
-   ``results.csv`` (Dice, IoU, HD95 per query and k) and ``summary.md``, and prints where they are.
+   ``results.csv`` (Dice, IoU, HD95, NSD per query and k), ``summary.md`` (their means per task;
+   HD95 in pixels, NSD at 2 px) and ``supports.json`` (the supports each query got), and prints
+   where they are.
 
 The demo queries are test-split images the checkpoint never trained on; the datasets themselves
 were in its training data (the leave-one-dataset-out numbers are in the README).
@@ -114,7 +116,7 @@ def run_demo(out: Path, checkpoint: str | None = None, data: Path = DEMO_DIR, k:
                 m = metrics.compute_metrics(outs[name].masks[i], q.mask)
                 rows.append({"dataset": ds.name, "label": ds.labels[value], "stem": q.stem,
                              "k": len(supports[i]) if name == "k" else 0, "supports": "retrieved" if name == "k" else "none",
-                             "dice": m["dice"], "iou": m["iou"], "hd95": m["hd95"]})
+                             "dice": m["dice"], "iou": m["iou"], "hd95": m["hd95"], "nsd": m["nsd"]})
             o = outs["k"]
             d = out / ds.name
             d.mkdir(exist_ok=True)
@@ -130,16 +132,27 @@ def run_demo(out: Path, checkpoint: str | None = None, data: Path = DEMO_DIR, k:
         w.writeheader()
         w.writerows(rows)
     lines = [f"# SegICL demo ({ckpt.name}, store embedder {store.embedder_spec}, seed {seed})", "",
-             f"| dataset | label | n | Dice k=0 | Dice k={k} retrieved |", "|---|---|---|---|---|"]
+             f"| dataset | label | n | Dice k=0 | Dice k={k} retrieved | HD95 k=0 (px) | HD95 k={k} | NSD k=0 | NSD k={k} |",
+             "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
+
+    def mean(vals: list[float]) -> float:
+        vals = [v for v in vals if v == v]  # NaN (undefined: an empty side) left out, as in segicl evaluate
+        return float(np.mean(vals)) if vals else float("nan")
+
     for ds in datasets:
         for task in ds.tasks():
             name = ds.labels[task.label_value]
-            d0 = [r["dice"] for r in rows if r["dataset"] == ds.name and r["label"] == name and r["supports"] == "none"]
-            dk = [r["dice"] for r in rows if r["dataset"] == ds.name and r["label"] == name and r["supports"] == "retrieved"]
-            if d0:
-                summary[f"{ds.name}/{name}"] = {"n": len(d0), "dice_k0": float(np.mean(d0)), f"dice_k{k}": float(np.mean(dk))}
-                lines.append(f"| {ds.name} | {name} | {len(d0)} | {np.mean(d0):.3f} | {np.mean(dk):.3f} |")
+            sel = {sup: [r for r in rows if r["dataset"] == ds.name and r["label"] == name and r["supports"] == sup]
+                   for sup in ("none", "retrieved")}
+            if sel["none"]:
+                m = {(key, sup): mean([r[key] for r in sel[sup]]) for key in ("dice", "hd95", "nsd") for sup in sel}
+                summary[f"{ds.name}/{name}"] = {"n": len(sel["none"]), "dice_k0": m["dice", "none"],
+                                                f"dice_k{k}": m["dice", "retrieved"], "hd95_k0": m["hd95", "none"],
+                                                f"hd95_k{k}": m["hd95", "retrieved"]}
+                lines.append(f"| {ds.name} | {name} | {len(sel['none'])} | {m['dice', 'none']:.3f} | "
+                             f"{m['dice', 'retrieved']:.3f} | {m['hd95', 'none']:.1f} | {m['hd95', 'retrieved']:.1f} | "
+                             f"{m['nsd', 'none']:.3f} | {m['nsd', 'retrieved']:.3f} |")
     lines += ["", f"Wall time {time.time() - t0:.1f} s. Per-image numbers: results.csv; masks and overlays per dataset folder."]
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     (out / "supports.json").write_text(json.dumps(used, indent=2) + "\n")

@@ -148,8 +148,11 @@ class FineConfig:
     The voting settings (scale, position, top_k, balanced) are ``matching``'s."""
 
     mode: str = "auto"  # "none" | "always" (every item with supports) | "auto": items whose supports' masks,
-    #   taken to mask_size and back, keep a mean Dice below ``min_ceiling`` (thin structures: vessels, membranes)
+    #   taken to mask_size and back, keep a pooled Dice below ``min_ceiling`` (thin structures: vessels,
+    #   membranes) take this path alone; the other items with supports blend it in (coarse-to-fine)
     min_ceiling: float = 0.85
+    blend: float = 0.5  # auto, items not thin: probability = (1 - blend) x the model's + blend x the propagation
+    blend_size: int = 128  # ... run with the longer side capped at this size
     max_size: int = 1024  # longer side of the working image (the image's own size when smaller; aspect kept)
     patch: int = 2  # pixels per patch side at the working size
     features: str = "multiscale"
@@ -163,6 +166,8 @@ class FineConfig:
             raise ValueError(f"fine.min_ceiling must be in [0, 1], not {self.min_ceiling}")
         if self.patch < 1 or self.max_size < 8 * self.patch:
             raise ValueError(f"fine.patch must be >= 1 and fine.max_size >= 8 patches, not {self.patch} / {self.max_size}")
+        if not 0 <= self.blend <= 1 or self.blend_size < 8 * self.patch:
+            raise ValueError(f"fine.blend must be in [0, 1] and fine.blend_size >= 8 patches, not {self.blend} / {self.blend_size}")
         if self.features not in ("colour", "multiscale"):
             raise ValueError(f"fine.features must be 'colour' or 'multiscale', not {self.features!r}")
         if self.max_support_patches is not None and self.max_support_patches < 1:

@@ -10,7 +10,8 @@
     out.paths[0]          # "encoder", "route" or "fine": which path made it
 
 With supports whose masks a ``mask_size`` grid cannot hold (thin structures; ``fine.mode = "auto"``),
-an item is segmented at its own resolution by segicl/native.py instead of the coarse model.
+an item is segmented at its own resolution by segicl/native.py instead of the coarse model; other
+items with supports average the model's probability with that propagation at ``fine.blend_size``.
 
 A saved pipeline is a directory: ``config.json`` (:class:`SegICLConfig`), ``decoder_structure.json``
 (the diffusers configs of UNet / ControlNet / VAE), ``scheduler_config.json`` and one safetensors file
@@ -22,6 +23,7 @@ the checksums and loads only safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Sequence
@@ -62,7 +64,8 @@ class SegICLOutput:
     probabilities: list[np.ndarray]
     uncertainty: list[np.ndarray]
     # per image, the path that made it: "encoder" (the LM's S), "route" (the label-propagation mask
-    # rendered by the decoder) or "fine" (native-resolution propagation, segicl/native.py)
+    # rendered by the decoder), "blend" (the decoder's mask averaged with the propagation at
+    # fine.blend_size) or "fine" (native-resolution propagation alone, segicl/native.py)
     paths: list[str] = field(default_factory=list)
     # per image, the post-processing the supports decided and applied to the mask (segicl/postprocess.py);
     # the probabilities are not post-processed
@@ -350,8 +353,11 @@ class SegICLPipeline:
         masks: list[Any] = [None] * n
         probs: list[Any] = [None] * n
         uncs: list[Any] = [None] * n
-        paths = ["fine" if f else "route" if sup and self.config.matching.mode == "route" else "encoder"
-                 for f, sup in zip(fine, sup_pil)]
+        fc = self.config.fine
+        blend = fc.mode == "auto" and fc.blend > 0
+        blend_cfg = dataclasses.replace(fc, max_size=fc.blend_size)
+        paths = ["fine" if f else "blend" if sup and blend else "route" if sup and self.config.matching.mode == "route"
+                 else "encoder" for f, sup in zip(fine, sup_pil)]
         for i in (i for i in range(n) if fine[i]):
             probs[i] = fine_propagation(pil[i], sup_pil[i], self.config.matching, self.config.fine)
             uncs[i] = np.sqrt(probs[i] * (1 - probs[i]))  # std of a Bernoulli with the vote's probability
@@ -370,6 +376,11 @@ class SegICLPipeline:
                 hw = (pil[i].height, pil[i].width)
                 probs[i] = resize_prob(mean[r], hw)
                 uncs[i] = resize_prob(std[r], hw)
+                if paths[i] == "blend":  # coarse-to-fine: the model's mask averaged with the propagation at blend_size
+                    w = fc.blend
+                    fine_prob = fine_propagation(pil[i], sup_pil[i], self.config.matching, blend_cfg)
+                    probs[i] = (1 - w) * probs[i] + w * fine_prob
+                    uncs[i] = (1 - w) * uncs[i]  # the propagation is deterministic
                 masks[i] = probs[i] > self.config.threshold
         pp = self.config.postprocess
         decisions = [decide([m for _, m in sup], pp.min_largest, pp.max_holes) if pp.mode == "auto" else Decision()

@@ -20,5 +20,7 @@ def test_demo_writes_masks_overlays_and_summary(tmp_path):
     for r in rows:
         d = out / r["dataset"]
         assert (d / f"{r['stem']}.png").is_file() and (d / f"{r['stem']}_overlay.png").is_file()
-    assert "Dice k=2 retrieved" in (out / "summary.md").read_text()
+    summary = (out / "summary.md").read_text()
+    assert "Dice k=2 retrieved" in summary and "HD95 k=2" in summary and "NSD k=0" in summary
+    assert all(r["nsd"] != "" for r in rows)
     assert len(res["summary"]) == 3

@@ -131,12 +131,18 @@ def test_pipeline_sends_thin_supports_to_the_native_path_and_blobs_to_the_model(
     thin = [_vessels(s, 200, 200) for s in (1, 2)]
     blob = [_blob(s, 200, 200) for s in (1, 2)]
     q, _ = _vessels(5, 123, 77)  # odd, portrait
-    out = pipe([q, q, q], text="x", supports=[thin, blob, []], num_inference_steps=2)
-    assert out.paths == ["fine", "route", "encoder"]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    out = pipe([q, q, q], text="x", supports=[thin, blob, []], num_inference_steps=2, generator=gen())
+    assert out.paths == ["fine", "blend", "encoder"]
     assert all(m.shape == (123, 77) for m in out.masks) and all(p.shape == (123, 77) for p in out.probabilities)
     assert np.allclose(out.uncertainty[0], np.sqrt(out.probabilities[0] * (1 - out.probabilities[0])))
+    # blend: half the model's probability (the route alone), half the propagation at blend_size
+    prop = fine_propagation(q, blob, pipe.config.matching, FineConfig(max_size=pipe.config.fine.blend_size))
     pipe.set_fine(mode="none")
     assert pipe([q], text="x", supports=[thin], num_inference_steps=2).paths == ["route"]
+    route = pipe([q, q], text="x", supports=[blob, []], num_inference_steps=2, generator=gen())  # the same batch
+    np.testing.assert_allclose(out.probabilities[1], 0.5 * route.probabilities[0] + 0.5 * prop, atol=1e-5)
+    np.testing.assert_allclose(out.probabilities[2], route.probabilities[1], atol=1e-6)
     with pytest.raises(ValueError, match="fine.mode"):
         pipe.set_fine(mode="sometimes")
     with pytest.raises(ValueError, match="fine.max_size"):
