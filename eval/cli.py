@@ -54,6 +54,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="SegICL fine.mode for this run (default: the checkpoint's config, auto); auto = items "
                              "whose supports' masks a mask_size grid cannot hold are segmented at native "
                              "resolution (segicl/native.py); none = always the coarse model")
+    parser.add_argument("--blend", type=float, default=None, metavar="W",
+                        help="SegICL fine.blend for this run (default: the checkpoint's config, 0.5): weight of the "
+                             "128 px propagation averaged into the model's probability for items that are not thin")
     parser.add_argument("--postprocess", choices=["none", "auto"], default=None,
                         help="SegICL postprocess.mode for this run (default: the checkpoint's config, auto); auto = "
                              "largest component / hole filling where the supports' masks are one piece / have no holes")
@@ -116,6 +119,8 @@ def main(args: argparse.Namespace) -> int:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "matching": args.matching}
     if args.fine is not None:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "fine": args.fine}
+    if args.blend is not None:
+        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "blend": args.blend}
     if args.postprocess is not None:
         eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "postprocess": args.postprocess}
     cfg = SuiteConfig(
@@ -158,7 +163,7 @@ def _describe(args: argparse.Namespace) -> str:
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
                         ("--matching", args.matching), ("--fine", args.fine),
-                        ("--postprocess", args.postprocess)):
+                        ("--blend", args.blend), ("--postprocess", args.postprocess)):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -330,6 +330,9 @@ def build_method(
         if scfg.get("fine") is not None:  # override fine.mode ("none" / "auto" / "always")
             pipe.set_fine(mode=scfg["fine"])
             desc += f" (fine.mode = {scfg['fine']})"
+        if scfg.get("blend") is not None:  # override fine.blend (0 = the route's probability alone)
+            pipe.set_fine(blend=float(scfg["blend"]))
+            desc += f" (fine.blend = {scfg['blend']})"
         if scfg.get("postprocess") is not None:  # override postprocess.mode ("none" / "auto")
             pipe.set_postprocess(mode=scfg["postprocess"])
             desc += f" (postprocess.mode = {scfg['postprocess']})"

@@ -7,6 +7,8 @@ import argparse
 BENCHMARKS = {
     "resolution": ("eval.bench.bench_resolution",
                    "oracle Dice at each working size beside the propagation and the model (CSV + Markdown)"),
+    "folds": ("eval.bench.bench_folds",
+              "leave-dataset-group-out: train stage 1 per fold, score the held-out datasets in context"),
 }
 
 
