@@ -7,7 +7,7 @@
     out.masks[0]          # bool (H, W) at the query's original resolution
     out.probabilities[0]  # float32 (H, W): mean of the samples
     out.uncertainty[0]    # float32 (H, W): per-pixel std of the samples (0 with one sample)
-    out.paths[0]          # "encoder", "route" or "fine": which path made it
+    out.paths[0]          # "encoder", "route", "blend" or "fine": which path made it
 
 With supports whose masks a ``mask_size`` grid cannot hold (thin structures; ``fine.mode = "auto"``),
 an item is segmented at its own resolution by segicl/native.py instead of the coarse model; other
