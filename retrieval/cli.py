@@ -45,11 +45,12 @@ def register_index(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--split", default="train", help="split to index (train, val, test, all; default train)")
     b.add_argument("--out", type=Path, required=True, metavar="STORE", help="store folder to write")
     b.add_argument("--embedder", default=None,
-                   help="pixel[:size], openclip:<dir|model@file>, segicl[:<checkpoint dir>] (default: retrieval.embedders.DEFAULT_EMBEDDER)")
+                   help="pixel[:size], openclip:<dir|model@file>, segicl[:<checkpoint dir>] (default: pixel, 16 x 16 "
+                        "downsampled pixels)")
     b.add_argument("--index-type", default=None, choices=["flat", "hnsw", "ivfpq"], help="default: chosen by size")
     b.add_argument("--add", action="store_true", help="add to an existing store at --out instead of replacing it")
-    b.add_argument("--batch-size", type=int, default=32)
-    b.add_argument("--no-progress", action="store_true")
+    b.add_argument("--batch-size", type=int, default=32, help="images embedded per batch (default 32)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=index_build)
     i = sub.add_parser("info", help="print a store's manifest summary (checks its checksums)")
     i.add_argument("store", type=Path, metavar="STORE")
@@ -130,10 +131,22 @@ def index_info(args: argparse.Namespace) -> int:
 
 def register_segment(subparsers: argparse._SubParsersAction) -> None:
     """Entry point (``segicl.commands``): ``segicl segment``."""
-    p = subparsers.add_parser("segment", help="segment images with given or retrieved supports (or zero-shot)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = subparsers.add_parser(
+        "segment", help="segment images with given or retrieved supports (or zero-shot)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Segment query images from a text instruction and k example (image, mask) pairs:\n"
+                    "given with --support, retrieved from a support store with --store, or none (zero-shot).",
+        epilog="""examples:
+  segicl segment --image a.jpg --image b.jpg --out seg/ --store stores/polyp --k 3 --label polyp
+  segicl segment --image a.jpg --out seg/ --support s1.jpg:s1.png --support s2.jpg:s2.png \\
+      --text "Segment the polyp in this endoscopy image."
+  segicl segment --image a.jpg --out seg/          # zero-shot (k = 0)
+
+writes per query <stem>.png (0/255 mask at the input's resolution), <stem>_prob.png (probability x 255),
+<stem>_overlay.png (the mask outline over the image, the supports used below), and segment.json (the
+settings used, the path that made each mask, the supports with their scores).""")
     p.add_argument("--image", action="append", type=Path, required=True, metavar="PATH", help="query image (repeat)")
-    p.add_argument("--out", type=Path, required=True, metavar="DIR")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--text", default=None, help="instruction, e.g. 'Segment the polyp in this endoscopy image.'")
     p.add_argument("--support", action="append", default=[], metavar="IMG:MASK",
                    help="a support pair (repeat); the mask is binarised as > 0, or == the --label value")
@@ -144,8 +157,8 @@ def register_segment(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", default=None, help="SegICL checkpoint dir (default: the shipped one)")
     p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the checkpoint's)")
     p.add_argument("--samples", type=int, default=None, help="diffusion samples for the uncertainty (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=segment)
 
 

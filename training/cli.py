@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Entry point of the ``segicl.commands`` plugin group: ``segicl train <stage> ...``."""
-    parser = subparsers.add_parser("train", help="train SegICL (stage1, stage2) or a VLSM baseline (vlsm)",
+    parser = subparsers.add_parser("train", help="train SegICL (stage1, stage2, stage3) or a VLSM baseline (vlsm)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     helps = {"stage1": "condition encoder + diffusion decoder on (image, mask) pairs",
