@@ -7,7 +7,8 @@
    retrieved from the store (same dataset and label, another patient / case group) and once
    zero-shot (k = 0), both from the same seed;
 3. writes ``<dataset>/<stem>.png`` (mask, 0/255, original resolution), ``<stem>_prob.png``,
-   ``<stem>_overlay.png`` (prediction in red over the query, the retrieved supports in a strip),
+   ``<stem>_overlay.png`` (prediction outline in red and ground truth in cyan over the query, the
+   method, k and Dice in the corner, the retrieved supports in a strip),
    ``results.csv`` (Dice, IoU, HD95, NSD per query and k), ``summary.md`` (their means per task;
    HD95 in pixels, NSD at 2 px) and ``supports.json`` (the supports each query got), and prints
    where they are.
@@ -123,7 +124,10 @@ def run_demo(out: Path, checkpoint: str | None = None, data: Path = DEMO_DIR, k:
             _png(Image.fromarray(o.masks[i].astype(np.uint8) * 255), d / f"{q.stem}.png")
             _png(Image.fromarray((o.probabilities[i] * 255).round().astype(np.uint8)), d / f"{q.stem}_prob.png")
             tiles = [{"image": s.image, "mask": s.mask, "score": h.score} for s, h in zip(supports[i], hits_all[i])]
-            _png(overlay(q.image, o.masks[i], tiles), d / f"{q.stem}_overlay.png")
+            dice_k = next(r["dice"] for r in rows if r["stem"] == q.stem and r["label"] == ds.labels[value]
+                          and r["supports"] == "retrieved")
+            caption = f"SegICL ({o.paths[i] if getattr(o, 'paths', None) else 'model'}), k={len(tiles)}, Dice {dice_k:.3f}"
+            _png(overlay(q.image, o.masks[i], tiles, truth=q.mask, caption=caption), d / f"{q.stem}_overlay.png")
             used[f"{ds.name}/{q.stem}"] = [h.as_dict() for h in hits_all[i]]
             bar.update(1)
     bar.close()

@@ -235,11 +235,20 @@ def _draw(image, mask: np.ndarray, colour: tuple[int, int, int]):
     return Image.fromarray(rgb)
 
 
-def overlay(image, mask: np.ndarray, supports: list[dict[str, Any]], strip_height: int = 96):
-    """The image with the mask outline (red), above a strip of the supports (green outlines)."""
+def overlay(image, mask: np.ndarray, supports: list[dict[str, Any]], strip_height: int = 96,
+            truth: np.ndarray | None = None, caption: str | None = None):
+    """The image with the mask outline (red) and, when known, the ground-truth outline (cyan), a
+    legend line (``caption``: method, k, Dice ...) in the corner, above a strip of the supports
+    (green outlines, retrieval score)."""
     from PIL import Image, ImageDraw
 
-    main = _draw(image, mask, (255, 40, 40))
+    main = _draw(image, truth, (40, 220, 255)) if truth is not None else image.convert("RGB")  # a copy
+    main = _draw(main, mask, (255, 40, 40))
+    legend = "red: prediction" + (", cyan: ground truth" if truth is not None else "") + (
+        ", green: supports" if supports else "")
+    draw = ImageDraw.Draw(main)
+    for row, text in enumerate(t for t in (caption, legend) if t):
+        draw.text((3, 2 + 11 * row), text, fill=(255, 255, 0))
     if not supports:
         return main
     tiles = []

@@ -555,3 +555,22 @@ def test_cli_segment_records_the_values_it_used(demo_dirs, tmp_path, monkeypatch
     assert report["steps"] == sched.num_inference_steps and report["samples"] == sched.num_samples
     assert report["checkpoint"] and report["segicl_version"] and report["wall_seconds"] >= 0
     assert (report["fine"], report["postprocess"]) == ("auto", "auto")
+
+
+def test_overlay_draws_prediction_truth_and_legend_without_touching_the_input():
+    from retrieval.cli import overlay
+
+    img = Image.fromarray(np.full((80, 120, 3), 60, np.uint8))
+    before = np.asarray(img).copy()
+    pred = np.zeros((80, 120), bool)
+    pred[30:60, 40:80] = True
+    truth = np.zeros((80, 120), bool)
+    truth[35:65, 50:90] = True
+    out = np.asarray(overlay(img, pred, [], truth=truth, caption="SegICL, k=3, Dice 0.700"))
+    np.testing.assert_array_equal(np.asarray(img), before)
+    assert (out == (255, 40, 40)).all(-1).sum() > 50 and (out == (40, 220, 255)).all(-1).sum() > 50
+    top = out[:25].astype(int)
+    yellow = (top[..., 0] > 150) & (top[..., 1] > 150) & (top[..., 2] < 110)  # antialiased text
+    assert yellow.sum() > 20  # the caption and legend in the top-left corner
+    plain = np.asarray(overlay(img, pred, []))
+    assert not (plain == (40, 220, 255)).all(-1).any()  # no ground truth: no cyan
