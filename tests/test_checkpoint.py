@@ -44,10 +44,14 @@ def _demo_dice(pipe: SegICLPipeline, k: int = 3) -> list[float]:
 
 def test_shipped_checkpoint_segments_demo_queries_better_than_untrained():
     """Demo test queries (never trained on), k = 3 supports from the demo train split: the trained
-    weights must beat the same architecture with random weights (a weak bar: see README results)."""
-    pipe = SegICLPipeline.from_pretrained(default_checkpoint())
+    weights must beat the same architecture with random weights (a weak bar: see README results).
+    Measured on the model's own path (the route, no native blend, no post-processing): with the
+    defaults the training-free propagation carries most of the result, and a random decoder blended
+    with it scores nearly as well (README, "What is weak")."""
+    pipe = SegICLPipeline.from_pretrained(default_checkpoint()).set_fine(mode="none").set_postprocess(mode="none")
     trained = _demo_dice(pipe)
-    untrained = _demo_dice(SegICLPipeline.from_preset("tiny", seed=0, matching={"mode": pipe.config.matching.mode}))
+    untrained = _demo_dice(SegICLPipeline.from_preset("tiny", seed=0, matching={"mode": pipe.config.matching.mode})
+                           .set_fine(mode="none").set_postprocess(mode="none"))
     assert np.mean(trained) > np.mean(untrained) + 0.05, (trained, untrained)
 
 

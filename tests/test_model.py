@@ -105,7 +105,11 @@ def test_pipeline_segments_at_original_resolution_deterministically(pipe):
     assert [m.shape for m in out.masks] == [(70, 90), (50, 40)]
     assert all(p.dtype == np.float32 and p.min() >= 0 and p.max() <= 1 for p in out.probabilities)
     assert all(u.shape == p.shape and u.min() >= 0 for u, p in zip(out.uncertainty, out.probabilities))
-    assert np.array_equal(out.masks[0], out.probabilities[0] > pipe.config.threshold)
+    from segicl.postprocess import Decision, apply
+
+    # the mask is the thresholded probability, post-processed as the supports decided (none without supports)
+    assert np.array_equal(out.masks[0], apply(out.probabilities[0] > pipe.config.threshold, Decision(**out.postprocess[0])))
+    assert np.array_equal(out.masks[1], out.probabilities[1] > pipe.config.threshold)
     again = pipe(imgs, generator=torch.Generator().manual_seed(0), **kw)
     other = pipe(imgs, generator=torch.Generator().manual_seed(1), **kw)
     assert np.array_equal(out.probabilities[0], again.probabilities[0])
