@@ -115,14 +115,9 @@ def main(args: argparse.Namespace) -> int:
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
     eval_config = load_eval_config(args.config)
-    if args.matching is not None:
-        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "matching": args.matching}
-    if args.fine is not None:
-        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "fine": args.fine}
-    if args.blend is not None:
-        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "blend": args.blend}
-    if args.postprocess is not None:
-        eval_config["segicl"] = {**(eval_config.get("segicl") or {}), "postprocess": args.postprocess}
+    for key in ("matching", "fine", "blend", "postprocess"):  # SegICL settings overridden for this run
+        if getattr(args, key) is not None:
+            eval_config["segicl"] = {**(eval_config.get("segicl") or {}), key: getattr(args, key)}
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,

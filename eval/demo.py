@@ -115,6 +115,8 @@ def run_demo(out: Path, checkpoint: str | None = None, data: Path = DEMO_DIR, k:
         for i, q in enumerate(queries):
             for name in ("k", 0):
                 m = metrics.compute_metrics(outs[name].masks[i], q.mask)
+                if name == "k":
+                    dice_k = m["dice"]
                 rows.append({"dataset": ds.name, "label": ds.labels[value], "stem": q.stem,
                              "k": len(supports[i]) if name == "k" else 0, "supports": "retrieved" if name == "k" else "none",
                              "dice": m["dice"], "iou": m["iou"], "hd95": m["hd95"], "nsd": m["nsd"]})
@@ -124,8 +126,6 @@ def run_demo(out: Path, checkpoint: str | None = None, data: Path = DEMO_DIR, k:
             _png(Image.fromarray(o.masks[i].astype(np.uint8) * 255), d / f"{q.stem}.png")
             _png(Image.fromarray((o.probabilities[i] * 255).round().astype(np.uint8)), d / f"{q.stem}_prob.png")
             tiles = [{"image": s.image, "mask": s.mask, "score": h.score} for s, h in zip(supports[i], hits_all[i])]
-            dice_k = next(r["dice"] for r in rows if r["stem"] == q.stem and r["label"] == ds.labels[value]
-                          and r["supports"] == "retrieved")
             caption = f"SegICL ({o.paths[i] if getattr(o, 'paths', None) else 'model'}), k={len(tiles)}, Dice {dice_k:.3f}"
             _png(overlay(q.image, o.masks[i], tiles, truth=q.mask, caption=caption), d / f"{q.stem}_overlay.png")
             used[f"{ds.name}/{q.stem}"] = [h.as_dict() for h in hits_all[i]]

@@ -112,6 +112,16 @@ class SchedulerConfig:
     num_samples: int = 1
 
 
+FEATURES = ("colour", "multiscale")  # patch feature sets of segicl/matching.py
+
+
+def _check_features(section: str, features: str, max_support_patches: int | None) -> None:
+    if features not in FEATURES:
+        raise ValueError(f"{section}.features must be one of {FEATURES}, not {features!r}")
+    if max_support_patches is not None and max_support_patches < 1:
+        raise ValueError(f"{section}.max_support_patches must be a positive number or null, not {max_support_patches}")
+
+
 @dataclass
 class MatchingConfig:
     """Training-free label propagation from the supports (segicl/matching.py)."""
@@ -135,10 +145,7 @@ class MatchingConfig:
             raise ValueError(f"matching.grid must be in 1..image_size/2 = {image_size // 2}, not {self.grid}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"matching.top_k must be a positive number or null, not {self.top_k}")
-        if self.features not in ("colour", "multiscale"):
-            raise ValueError(f"matching.features must be 'colour' or 'multiscale', not {self.features!r}")
-        if self.max_support_patches is not None and self.max_support_patches < 1:
-            raise ValueError(f"matching.max_support_patches must be a positive number or null, not {self.max_support_patches}")
+        _check_features("matching", self.features, self.max_support_patches)
 
 
 @dataclass
@@ -168,10 +175,7 @@ class FineConfig:
             raise ValueError(f"fine.patch must be >= 1 and fine.max_size >= 8 patches, not {self.patch} / {self.max_size}")
         if not 0 <= self.blend <= 1 or self.blend_size < 8 * self.patch:
             raise ValueError(f"fine.blend must be in [0, 1] and fine.blend_size >= 8 patches, not {self.blend} / {self.blend_size}")
-        if self.features not in ("colour", "multiscale"):
-            raise ValueError(f"fine.features must be 'colour' or 'multiscale', not {self.features!r}")
-        if self.max_support_patches is not None and self.max_support_patches < 1:
-            raise ValueError(f"fine.max_support_patches must be a positive number or null, not {self.max_support_patches}")
+        _check_features("fine", self.features, self.max_support_patches)
         if self.nprobe is not None and self.nprobe < 1:
             raise ValueError(f"fine.nprobe must be a positive number or null, not {self.nprobe}")
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-FEATURES = ("colour", "multiscale")
+from segicl.config import FEATURES
+
 IVF_LIST_SIZE = 256  # support patches per inverted list of the approximate search
 CONTEXT_SIGMAS = (1.0, 2.0, 4.0)  # multiscale: Gaussian scales in patches (2, 4, 8 px at 2 px patches)
 
@@ -150,14 +151,15 @@ def vote(queries: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, scale: t
         keys, vals = keys[keep], vals[keep]
     if top_k is not None and top_k < len(vals):
         sims, idx = _top_k_search(queries, keys, top_k, nprobe)
-        w, v = torch.softmax(scale * sims, dim=-1), vals[idx]  # (n, top_k) each
+        fg = (torch.softmax(scale * sims, dim=-1) * vals[idx]).sum(-1)  # (n, top_k) weights and values
     else:
-        w, v = torch.softmax(scale * queries @ keys.T, dim=-1), vals.expand(len(queries), -1)
+        fg = torch.softmax(scale * queries @ keys.T, dim=-1) @ vals
+    fg = fg.clamp(0, 1)  # the weights sum to 1: the background vote is 1 - fg
     if balanced:
         pi = vals.mean().clamp(1e-3, 1 - 1e-3)
-        fg, bg = (w * v).sum(-1) / pi, (w * (1 - v)).sum(-1) / (1 - pi)
+        fg, bg = fg / pi, (1 - fg) / (1 - pi)
         return fg / (fg + bg).clamp(min=1e-8)
-    return (w * v).sum(-1).clamp(0, 1)
+    return fg
 
 
 def propagate_labels(q_keys: torch.Tensor, s_keys: torch.Tensor, support_masks: torch.Tensor | None, ks: list[int],

@@ -38,11 +38,6 @@ def round_trip(mask: np.ndarray, size: int) -> np.ndarray:
     return resize_prob(np.array(small, dtype=np.float32), m.shape) > 0.5
 
 
-def dice(pred: np.ndarray, target: np.ndarray) -> float:
-    s = pred.sum() + target.sum()
-    return 1.0 if s == 0 else float(2 * (pred & target).sum() / s)
-
-
 def coarse_ceiling(masks: Sequence[np.ndarray], size: int) -> float:
     """Dice that the ``masks`` keep through a ``size x size`` grid, pooled over all their pixels
     (1.0 when all are empty). Pooled, not averaged per mask: one small mask among large ones (an

@@ -349,20 +349,19 @@ class SegICLPipeline:
         pil = [_as_image(im, f"images[{i}]") for i, im in enumerate(images)]
         sup_pil = [[(_as_image(im, f"supports[{i}][{j}]"), _as_mask(mk, f"supports[{i}][{j}]"))
                     for j, (im, mk) in enumerate(sup)] for i, sup in enumerate(supports)]
-        fine = [use_fine([m for _, m in sup], self.config.fine, self.config.mask_size) for sup in sup_pil]
         masks: list[Any] = [None] * n
         probs: list[Any] = [None] * n
         uncs: list[Any] = [None] * n
         fc = self.config.fine
         blend = fc.mode == "auto" and fc.blend > 0
         blend_cfg = dataclasses.replace(fc, max_size=fc.blend_size)
-        paths = ["fine" if f else "blend" if sup and blend else "route" if sup and self.config.matching.mode == "route"
-                 else "encoder" for f, sup in zip(fine, sup_pil)]
-        for i in (i for i in range(n) if fine[i]):
+        paths = ["fine" if use_fine([m for _, m in sup], fc, self.config.mask_size) else "blend" if sup and blend
+                 else "route" if sup and self.config.matching.mode == "route" else "encoder" for sup in sup_pil]
+        for i in (i for i in range(n) if paths[i] == "fine"):
             probs[i] = fine_propagation(pil[i], sup_pil[i], self.config.matching, self.config.fine)
             uncs[i] = np.sqrt(probs[i] * (1 - probs[i]))  # std of a Bernoulli with the vote's probability
             masks[i] = probs[i] > self.config.threshold
-        coarse = [i for i in range(n) if not fine[i]]
+        coarse = [i for i in range(n) if paths[i] != "fine"]
         for start in range(0, len(coarse), batch_size):
             idx = coarse[start : start + batch_size]
             x = torch.stack([image_to_tensor(pil[i], self.config.image_size) for i in idx]).to(self.device)

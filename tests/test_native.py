@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from eval.metrics import dice
 from segicl.config import FineConfig, MatchingConfig, load_preset
 from segicl.matching import match_supports, vote
-from segicl.native import coarse_ceiling, dice, fine_propagation, round_trip, use_fine, working_shape
+from segicl.native import coarse_ceiling, fine_propagation, round_trip, use_fine, working_shape
 from segicl.pipeline import SegICLPipeline
 
 

@@ -45,12 +45,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     return parser
 
 
-def _dice(pred, target) -> float:
-    from segicl.native import dice
-
-    return dice(pred, target)
-
-
 def run(args: argparse.Namespace) -> list[dict]:
     import numpy as np
     import torch
@@ -58,6 +52,7 @@ def run(args: argparse.Namespace) -> list[dict]:
 
     from eval.cli import _expand_data
     from eval.methods import LabelPropagation
+    from eval.metrics import dice
     from segicl.config import FineConfig, MatchingConfig
     from segicl.data import load_dataset
     from segicl.native import fine_propagation, round_trip
@@ -85,7 +80,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                 sup = [ds.sample(train[j], task.label_value) for j in rng.choice(len(train), args.k, replace=False)]
                 pairs = [(s.image, s.mask) for s in sup]
                 for s in sizes:
-                    scores.setdefault(f"oracle@{s}", []).append(_dice(round_trip(q.mask, s), q.mask))
+                    scores.setdefault(f"oracle@{s}", []).append(dice(round_trip(q.mask, s), q.mask))
 
                 names = ["labelprop@64", *fines] + (["segicl:coarse", "segicl:auto"] if pipe is not None else [])
                 for name in names:
@@ -103,7 +98,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                             if name == "segicl:auto":
                                 fine_share.append(out.paths[0] == "fine")
                     seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
-                    scores.setdefault(name, []).append(_dice(prob > 0.5, q.mask))
+                    scores.setdefault(name, []).append(dice(prob > 0.5, q.mask))
             for name, vals in scores.items():
                 rows.append({"dataset": ds.name, "label": task.label_name, "method": name, "n": len(vals),
                              "dice_mean": round(float(np.mean(vals)), 4),
