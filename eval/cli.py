@@ -35,7 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="dataset folder (repeat for several); a folder holding dataset folders is expanded")
     parser.add_argument("--split", default="test", help="split to evaluate (supports always come from train)")
     parser.add_argument("--methods", type=_str_list, default=["segicl"],
-                        help="comma list: segicl, labelprop, vlsm:<saved model dir>, unet_supervised, unet_fewshot")
+                        help="comma list: segicl, labelprop, vlsm:<saved model dir>, unet_supervised, unet_fewshot, "
+                             "universeg:<saved model dir>")
     parser.add_argument("--k", type=_int_list, default=[0, 1, 3, 5], help="numbers of supports, e.g. 0,1,3,5")
     parser.add_argument("--supports", type=_str_list, default=["random"], help="random and/or retrieved")
     parser.add_argument("--draws", type=int, default=1, help="support draws per (k, policy)")

@@ -17,6 +17,8 @@ Method specifications (``--methods``)::
     vlsm:<saved dir>       a VLSM baseline saved with ``VLSMModel.save_pretrained`` (no supports)
     unet_supervised        MONAI UNet trained on the task's train split (the ceiling)
     unet_fewshot           MONAI UNet trained on the same k supports the in-context methods see (the floor)
+    universeg:<saved dir>  the UniverSeg-style in-context comparator (segicl/universeg.py), trained with
+                           ``segicl train universeg`` on the same tasks as SegICL (k >= 1)
 
 Seeds: :func:`derive_seed` turns any tuple of ints and strings into a 63-bit seed through SHA-256,
 so a seed depends only on what it names (run seed, dataset, label, stem, draw), never on the order
@@ -35,7 +37,7 @@ import numpy as np
 from eval.unet import UNetConfig, UNetSegmenter, train_unet
 from segicl.data import Sample, SegDataset
 
-METHOD_KINDS = ("segicl", "labelprop", "vlsm", "unet_supervised", "unet_fewshot")
+METHOD_KINDS = ("segicl", "labelprop", "vlsm", "unet_supervised", "unet_fewshot", "universeg")
 PRESET_PREFIX = "preset:"
 
 
@@ -188,6 +190,34 @@ class LabelPropagation(Method):
         return resize_prob(prior, query.mask.shape), None
 
 
+# ---------------------------------------------------------------------------------- UniverSeg
+class UniverSegMethod(Method):
+    """The UniverSeg-style comparator: k >= 1 supports + query -> probability, at the model's size."""
+
+    uses_supports = True
+    min_k = 1
+
+    def __init__(self, path: str | Path, name: str):
+        from segicl.universeg import UniverSeg
+
+        self.model, self.name = UniverSeg.from_pretrained(path), name
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
+
+        if not supports:
+            raise ValueError("universeg needs at least one support")
+        size = self.model.cfg.size
+        q = image_to_tensor(query.image, size)[None]
+        simg = torch.stack([image_to_tensor(s.image, size) for s in supports])[None]
+        smask = torch.stack([mask_to_tensor(s.mask, size) for s in supports])[None]
+        with torch.no_grad():
+            prob = torch.sigmoid(self.model(q, simg, smask))[0, 0]
+        return resize_prob(prob, query.mask.shape), None
+
+
 # --------------------------------------------------------------------------------------- VLSM
 class VLSMMethod(Method):
     """A saved VLSM baseline (CLIPSeg / CRIS / BiomedCLIPSeg, any tuning mode): text + query, no supports."""
@@ -283,9 +313,10 @@ def parse_spec(spec: str) -> tuple[str, str | None]:
     spec = spec.strip()
     kind, _, arg = spec.partition(":")
     if kind not in METHOD_KINDS:
-        raise ValueError(f"unknown method {spec!r}; choose from segicl, labelprop, vlsm:<saved dir>, unet_supervised, unet_fewshot")
-    if kind == "vlsm" and not arg:
-        raise ValueError("the VLSM method needs its saved model directory: vlsm:<dir>")
+        raise ValueError(f"unknown method {spec!r}; choose from segicl, labelprop, vlsm:<saved dir>, unet_supervised, "
+                         "unet_fewshot, universeg:<saved dir>")
+    if kind in ("vlsm", "universeg") and not arg:
+        raise ValueError(f"the {kind} method needs its saved model directory: {kind}:<dir>")
     if kind in ("labelprop", "unet_supervised", "unet_fewshot") and arg:
         raise ValueError(f"{kind} takes no argument, got {spec!r}")
     return kind, (arg or None)
@@ -296,6 +327,7 @@ def method_class(spec: str) -> type[Method]:
     kind, _ = parse_spec(spec)
     classes: dict[str, type[Method]] = {
         "segicl": SegICLMethod, "labelprop": LabelPropagation, "vlsm": VLSMMethod, "unet_supervised": UNetSupervised, "unet_fewshot": UNetFewShot,
+        "universeg": UniverSegMethod,
     }  # fmt: skip
     return classes[kind]
 
@@ -349,6 +381,11 @@ def build_method(
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: VLSM model directory not found (save one with VLSMModel.save_pretrained)")
         return VLSMMethod(load_vlsm(path), name=spec.strip()), {spec: str(path.resolve())}
+    if kind == "universeg":
+        path = Path(arg)
+        if not path.is_dir():
+            raise FileNotFoundError(f"{path}: UniverSeg model directory not found (train one with segicl train universeg)")
+        return UniverSegMethod(path, name=spec.strip()), {spec: str(path.resolve())}
     ucfg = UNetConfig.from_dict(config.get(kind))
     method = UNetSupervised(ucfg, seed) if kind == "unet_supervised" else UNetFewShot(ucfg, seed)
     return method, {spec: f"MONAI UNet {ucfg}"}

@@ -64,6 +64,12 @@ class LMConfig:
     support_prior: str = "none"  # "none" (paper) | "attention": a label-propagation prior from the supports
     #   (each query patch attends to the support patches by feature similarity and averages their mask
     #   values) is added to the slots, so the supports reach S through a path that needs no task memory
+    #   | "propagation" (dense layout): the training-free label propagation of segicl/matching.py
+    #   (``matching`` settings) enters each query token, so the learned matcher starts where it is
+    # support_tokens "dense" (issue 16): no pooled slots; every image gives its full patch grid (one token
+    # per condition-grid cell: vision token + the multi-scale patch features of segicl/matching.py under
+    # it + a 2-D position embedding), a support token adds an embedding of its cell's mask, and the LM's
+    # outputs at the query's tokens are the condition map S (plus a per-pixel mask head)
 
 
 @dataclass
@@ -230,10 +236,17 @@ class SegICLConfig:
             raise ValueError(f"vision patch grid {grid} is not divisible by vision.pool_to {self.vision.pool_to}")
         if self.lm.slot_init not in ("learned", "query"):
             raise ValueError(f"lm.slot_init must be 'learned' or 'query', not {self.lm.slot_init!r}")
-        if self.lm.support_prior not in ("none", "attention"):
-            raise ValueError(f"lm.support_prior must be 'none' or 'attention', not {self.lm.support_prior!r}")
-        if self.lm.support_tokens not in ("interleaved", "fused"):
-            raise ValueError(f"lm.support_tokens must be 'interleaved' or 'fused', not {self.lm.support_tokens!r}")
+        if self.lm.support_prior not in ("none", "attention", "propagation"):
+            raise ValueError(f"lm.support_prior must be 'none', 'attention' or 'propagation', not {self.lm.support_prior!r}")
+        if self.lm.support_tokens not in ("interleaved", "fused", "dense"):
+            raise ValueError(f"lm.support_tokens must be 'interleaved', 'fused' or 'dense', not {self.lm.support_tokens!r}")
+        dense = self.lm.support_tokens == "dense"
+        if (self.lm.support_prior == "propagation" and not dense) or (dense and self.lm.support_prior == "attention"):
+            raise ValueError("lm.support_prior 'propagation' goes with support_tokens 'dense', 'attention' without it")
+        if dense and self.image_size // self.vision.patch_size != self.mask_size // self.condition.patch_size:
+            raise ValueError(f"lm.support_tokens 'dense' needs one vision patch per condition cell: image_size / "
+                             f"vision.patch_size = {self.image_size // self.vision.patch_size}, mask_size / "
+                             f"condition.patch_size = {self.mask_size // self.condition.patch_size}")
         self.matching.validate(self.image_size, active=self.matching.mode == "route")
         self.fine.validate()
         self.postprocess.validate()

@@ -32,6 +32,19 @@ similarity of learned keys over the vision features (learned temperature) and av
 values (support masks area-pooled to the patch grid). The resulting prior map, pooled to the
 condition grid, is projected and added to the slots together with a "has supports" flag. It needs
 the raw support masks (``support_masks``), which the pipeline and the stage tasks pass.
+
+The dense layout (``lm.support_tokens="dense"``, issue 16) is built for matching, not for pooled
+slots: ``[text] <img> s_1 ... <img> s_k <query> q``, where every image contributes its whole patch
+grid, one token per condition-grid cell (8 x 8 at the tiny preset). A token is the vision tower's
+patch token, plus a projection of the multi-scale patch features of segicl/matching.py on the 4 x 4
+sub-cells under it (contrast, ridges: cues that hold on any modality), plus a learned 2-D position
+embedding. A support token adds an embedding of its cell's mask (the cell's mask pixels, so the
+label says where inside the cell the boundary runs). The LM's outputs at the query's tokens are the
+condition map S (one condition token per cell, what the decoder reads) and, through a linear mask
+head, the mask logits of every pixel of the cell (trained on true masks beside the MSE on C, and
+on the propagation as a teacher). With ``lm.support_prior="propagation"`` each query token also
+carries the training-free label propagation of its cell (``matching`` settings) and a "has
+supports" flag, so the matcher starts where the propagation is and learns to correct it.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2Model
 
 from segicl.config import SegICLConfig
-from segicl.matching import propagate_labels
+from segicl.matching import match_supports, patch_features, propagate_labels
 
 MARKERS = {"image": 0, "mask": 1, "query": 2, "slots": 3}
 
@@ -131,6 +144,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class MultimodalEncoder(nn.Module):
+    DENSE_FEATURES = 30  # multi-scale patch features of segicl/matching.py (position excluded)
+
     def __init__(self, cfg: SegICLConfig, vision: nn.Module | None = None, lm: Qwen2Model | None = None):
         super().__init__()
         self.cfg = cfg
@@ -140,11 +155,22 @@ class MultimodalEncoder(nn.Module):
         h = self.lm.config.hidden_size
         width = self._vision_width()
         self.image_proj = _mlp(width, h)
-        self.mask_proj = _mlp(cfg.condition.dim, h)
         self.markers = nn.Embedding(len(MARKERS), h)
-        self.slots = nn.Parameter(torch.randn(1, cfg.num_condition_tokens, h) * 0.02)
+        if cfg.lm.support_tokens != "dense":  # the dense layout has neither pooled mask tokens nor slots
+            self.mask_proj = _mlp(cfg.condition.dim, h)
+            self.slots = nn.Parameter(torch.randn(1, cfg.num_condition_tokens, h) * 0.02)
         if cfg.lm.slot_init == "query":
             self.slot_proj = _mlp(width, h)
+        if cfg.lm.support_tokens == "dense":
+            g = cfg.image_size // cfg.vision.patch_size
+            cell = cfg.mask_size // g  # mask pixels per token side
+            self.dense_grid, self.dense_cell = g, cell
+            self.feat_proj = _mlp(self.DENSE_FEATURES * 16, h)  # 4 x 4 sub-cells of multi-scale features
+            self.pos_embed = nn.Parameter(torch.randn(1, g * g, h) * 0.02)
+            self.label_embed = _mlp(cell * cell, h)
+            self.mask_head = nn.Linear(h, cell * cell)
+            if cfg.lm.support_prior == "propagation":
+                self.prop_embed = _mlp(cell * cell + 1, h)
         if cfg.lm.support_prior == "attention":
             self.prior_key = nn.Linear(width, 64)
             self.prior_logit_scale = nn.Parameter(torch.tensor(2.3))  # exp(2.3) ~ 10 = 1 / temperature
@@ -206,10 +232,81 @@ class MultimodalEncoder(nn.Module):
     def tokenize(self, texts: list[str]) -> list[torch.Tensor]:
         return [torch.tensor(self.tokenizer.encode(t or "", self.cfg.lm.max_text_tokens), dtype=torch.long) for t in texts]
 
+    # ------------------------------------------------------------------ dense layout
+    def _cells(self, x: torch.Tensor) -> torch.Tensor:
+        """(n, c, M, M) at mask resolution -> (n, g*g, c * cell^2): the pixels under each token."""
+        return F.pixel_unshuffle(x, self.dense_cell).flatten(2).transpose(1, 2)
+
+    def dense_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(n, 3, S, S) -> (n, g*g, h): vision patch token + multi-scale features of its 4 x 4 sub-cells + position."""
+        g = self.dense_grid
+        grid = self.vision_grid(images)
+        vis = self.image_proj(self._to_grid(grid, g))
+        with torch.no_grad():
+            f = patch_features(images.float(), 4 * g, 0.0, "multiscale")  # (n, 16 g^2, d), unit norm
+            f = f.transpose(1, 2).reshape(len(images), -1, 4 * g, 4 * g)
+            f = F.pixel_unshuffle(f, 4).flatten(2).transpose(1, 2)  # (n, g^2, 16 d)
+        return vis + self.feat_proj(f.to(vis.dtype)) + self.pos_embed
+
+    def _dense(self, texts: list[str], query_images: torch.Tensor, support_images: torch.Tensor | None,
+               support_masks: torch.Tensor | None, ks: list[int]) -> dict[str, torch.Tensor]:
+        b, dev = query_images.shape[0], query_images.device
+        if sum(ks) and support_masks is None:
+            raise ValueError("lm.support_tokens='dense' needs support_masks")
+        m = self.cfg.mask_size
+        imgs = [query_images] + [support_images[i, : ks[i]] for i in range(b) if ks[i]]
+        tok = self.dense_tokens(torch.cat(imgs))
+        mk = self.markers.weight
+        q_tok = tok[:b] + mk[2]
+        out: dict[str, torch.Tensor] = {}
+        if self.cfg.lm.support_prior == "propagation":
+            if sum(ks):
+                with torch.no_grad():
+                    prior = match_supports(query_images.float(), support_images.float(), support_masks.float(), ks,
+                                           self.cfg.matching, m)
+            else:
+                prior = query_images.new_zeros(b, 1, m, m)
+            has = torch.tensor([float(k > 0) for k in ks], device=dev).view(b, 1, 1).expand(b, q_tok.shape[1], 1)
+            q_tok = q_tok + self.prop_embed(torch.cat([self._cells(prior.to(q_tok.dtype)), has.to(q_tok.dtype)], -1))
+            out["prior"] = prior
+        if sum(ks):
+            smask = torch.cat([support_masks[i, : ks[i]] for i in range(b) if ks[i]]).float()
+            if smask.shape[-1] != m:
+                smask = F.interpolate(smask, size=(m, m), mode="area")
+            s_tok = tok[b:] + mk[0] + self.label_embed(self._cells(smask.to(tok.dtype)))
+        emb = self.lm.get_input_embeddings()
+        seqs, j = [], 0
+        for i, ids in enumerate(self.tokenize(texts)):
+            parts = [emb(ids.to(dev))]
+            for _ in range(ks[i]):
+                parts += [mk[0:1], s_tok[j]]
+                j += 1
+            parts += [mk[2:3], q_tok[i]]
+            seqs.append(torch.cat(parts))
+        hidden = self._run_lm(seqs)[:, -q_tok.shape[1]:]
+        s_pred = self.out_proj(hidden)
+        out["cond"] = F.layer_norm(s_pred, (s_pred.shape[-1],))
+        logits = self.mask_head(hidden).transpose(1, 2).reshape(b, -1, self.dense_grid, self.dense_grid)
+        out["mask_logits"] = F.pixel_shuffle(logits, self.dense_cell)  # (b, 1, M, M)
+        return out
+
+    def _run_lm(self, seqs: list[torch.Tensor]) -> torch.Tensor:
+        """Left-pad the embedded sequences (the output positions are the last ones of every item) and run the LM."""
+        b, dev = len(seqs), seqs[0].device
+        length = max(s.shape[0] for s in seqs)
+        h = seqs[0].shape[-1]
+        x = torch.zeros(b, length, h, dtype=seqs[0].dtype, device=dev)
+        attn = torch.zeros(b, length, dtype=torch.long, device=dev)
+        for i, s in enumerate(seqs):
+            x[i, length - s.shape[0]:] = s
+            attn[i, length - s.shape[0]:] = 1
+        pos = (attn.cumsum(-1) - 1).clamp(min=0)
+        return self.lm(inputs_embeds=x, attention_mask=attn, position_ids=pos).last_hidden_state
+
     # ------------------------------------------------------------------ forward
     def forward(self, texts: list[str], query_images: torch.Tensor, support_images: torch.Tensor | None = None,
                 support_cond: torch.Tensor | None = None, num_supports: torch.Tensor | list[int] | None = None,
-                support_masks: torch.Tensor | None = None) -> torch.Tensor:
+                support_masks: torch.Tensor | None = None, return_dict: bool = False) -> torch.Tensor | dict:
         """Predict condition tokens S.
 
         Args:
@@ -218,7 +315,9 @@ class MultimodalEncoder(nn.Module):
             support_images: (B, K, 3, S, S), padded beyond each item's k.
             support_cond: (B, K, N, d_c) condition-encoder tokens of the support masks.
             num_supports: (B,) k per item (0..K); None means all K.
-            support_masks: (B, K, 1, M, M) binary support masks; needed by ``lm.support_prior="attention"``.
+            support_masks: (B, K, 1, M, M) binary support masks; needed by ``lm.support_prior="attention"``
+                and by the dense layout (which ignores ``support_cond``).
+            return_dict: dense layout only: return ``{"cond": S, "mask_logits": (B, 1, M, M)[, "prior"]}``.
 
         Returns:
             S: (B, N, d_c).
@@ -234,6 +333,11 @@ class MultimodalEncoder(nn.Module):
             ks = [K] * b if num_supports is None else [int(k) for k in num_supports]
             if any(k < 0 or k > K for k in ks):
                 raise ValueError(f"num_supports {ks} outside 0..{K}")
+        if self.cfg.lm.support_tokens == "dense":
+            out = self._dense(texts, query_images, support_images, support_masks, ks)
+            return out if return_dict else out["cond"]
+        if return_dict:
+            raise ValueError("return_dict needs lm.support_tokens='dense'")
         emb = self.lm.get_input_embeddings()
         # one vision pass over every query and real support image
         imgs = [query_images] + [support_images[i, : ks[i]] for i in range(b) if ks[i]]
@@ -265,15 +369,7 @@ class MultimodalEncoder(nn.Module):
                 j += 1
             parts += [mk[2:3], q_tok[i], mk[3:4], slots[i]]
             seqs.append(torch.cat(parts))
-        length = max(s.shape[0] for s in seqs)
-        h = seqs[0].shape[-1]
-        x = torch.zeros(b, length, h, dtype=seqs[0].dtype, device=dev)
-        attn = torch.zeros(b, length, dtype=torch.long, device=dev)
-        for i, s in enumerate(seqs):  # left padding: the slots are the last N positions of every item
-            x[i, length - s.shape[0]:] = s
-            attn[i, length - s.shape[0]:] = 1
-        pos = (attn.cumsum(-1) - 1).clamp(min=0)
-        out = self.lm(inputs_embeds=x, attention_mask=attn, position_ids=pos).last_hidden_state
+        out = self._run_lm(seqs)  # left padding: the slots are the last N positions of every item
         n = self.cfg.num_condition_tokens
         s_pred = self.out_proj(out[:, -n:])
         return F.layer_norm(s_pred, (s_pred.shape[-1],))

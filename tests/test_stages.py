@@ -216,3 +216,37 @@ def test_stage2_lora_trains_adapters_and_saves_merged_weights(tmp_path):
     loaded = SegICLPipeline.from_pretrained(tmp_path / "ck")  # plain Qwen2 architecture again
     with torch.no_grad():
         assert torch.allclose(loaded.encoder(["a", "b"], q), pipe.encoder(["a", "b"], q), atol=1e-4)
+
+
+def test_stage2_dense_matcher_trains_on_real_and_pseudo_tasks(stage1_model, tmp_path):
+    """Issue 16: the dense layout trains with the mask-head loss (propagation teacher first) on episodes
+    mixed with pseudo-tasks, validates its mask head, and records the distinct tasks it saw."""
+    import json
+
+    from training.loop import train
+    from training.pseudo_tasks import MixedEpisodes
+    from training.stage2 import build_stage2_task, make_val_fn
+
+    cfg = {"model": {"init": str(stage1_model), "encoder": {"lm": {"support_tokens": "dense", "support_prior": "propagation"}}},
+           "data": {"k_max": 3, "pseudo_prob": 0.5}, "train": {**_quick(tmp_path, 3, 4), "teacher_steps": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task, ds, _ = build_stage2_task(cfg, [DEMO])
+    assert isinstance(ds, MixedEpisodes)
+    names = {ds[i]["dataset"] for i in range(16)}
+    assert any(n.startswith("pseudo:") for n in names) and any(not n.startswith("pseudo:") for n in names)
+    out = task(ds.collate_fn([ds[i] for i in range(4)]))
+    assert {"loss", "cos", "mask_loss", "head_dice"} <= out.keys() and out["loss"].requires_grad
+    assert out["loss"] > out["mask_loss"] > 0  # MSE(S, C) + the mask head's BCE + Dice
+    res = train(task, ds, None, cfg["train"])
+    from pathlib import Path
+
+    manifest = json.loads((Path(res["model_dir"]) / "manifest.json").read_text())
+    seen = manifest["tasks_seen"]
+    assert seen["distinct_tasks"] == seen["real_tasks"] + seen["pseudo_tasks"] and seen["distinct_tasks"] >= 1
+    datasets = [load_dataset(f) for f in find_datasets(DEMO)]
+    items = {k: val_items(datasets, 1, 0, 64, 64, split="test", k=k) for k in (0, 3)}
+    metrics = make_val_fn(items, steps=2)(task)
+    assert 0 <= metrics["head_dice_k3"] <= 1 and 0 <= metrics["dice_k3"] <= 1
+    pipe = SegICLPipeline.from_pretrained(res["model_dir"])
+    assert pipe.config.lm.support_tokens == "dense"

@@ -1,4 +1,4 @@
-"""``segicl train {stage1,stage2,stage3,vlsm}``: build a task from a config and run it through the shared loop.
+"""``segicl train {stage1,stage2,stage3,vlsm,universeg}``: build a task from a config and run it through the shared loop.
 
 Examples::
 
@@ -6,6 +6,7 @@ Examples::
     segicl train stage2 --config configs/train/tiny_stage2.yaml --set model.init=runs/stage1/model
     segicl train vlsm --config configs/vlsm/clipseg_tiny.yaml --mode coop --data ../shared/data \\
         --exclude kvasir_seg,cvc_clinicdb --max-steps 500
+    segicl train universeg --config configs/train/tiny_universeg.yaml --exclude kvasir_seg  # the comparator
     segicl train stage1 --config configs/train/tiny_stage1.yaml --resume          # after a kill
     accelerate launch --config_file configs/accelerate/ddp.yaml -m segicl.cli train stage1 --config ...
 
@@ -25,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "stage3", "vlsm")
+STAGES = ("stage1", "stage2", "stage3", "vlsm", "universeg")
 
 
 def _str_list(text: str) -> list[str]:
@@ -57,13 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Entry point of the ``segicl.commands`` plugin group: ``segicl train <stage> ...``."""
-    parser = subparsers.add_parser("train", help="train SegICL (stage1, stage2, stage3) or a VLSM baseline (vlsm)",
+    parser = subparsers.add_parser("train", help="train SegICL (stage1, stage2, stage3) or a baseline (vlsm, universeg)",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     stages = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     helps = {"stage1": "condition encoder + diffusion decoder on (image, mask) pairs",
              "stage2": "multimodal encoder on in-context episodes (frozen stage-1 parts)",
              "stage3": "decoder adapted to the encoder's predicted tokens S (frozen encoders)",
-             "vlsm": "a VLSM baseline (CLIPSeg, CRIS, BiomedCLIPSeg) in a tuning mode"}
+             "vlsm": "a VLSM baseline (CLIPSeg, CRIS, BiomedCLIPSeg) in a tuning mode",
+             "universeg": "the UniverSeg-style in-context comparator on real + pseudo tasks"}
     for stage in STAGES:
         sub = stages.add_parser(stage, help=helps[stage], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(sub, stage)
@@ -175,6 +177,7 @@ def build_task(stage: str, config: dict, data_dirs: Sequence[Path], exclude: Seq
         "stage2": ("training.stage2", "build_stage2_task"),
         "stage3": ("training.stage3", "build_stage3_task"),
         "vlsm": ("training.vlsm_task", "build_vlsm_task"),
+        "universeg": ("training.universeg_task", "build_universeg_task"),
     }[stage]
     try:
         module = importlib.import_module(module_name)

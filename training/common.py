@@ -64,6 +64,15 @@ def at_mask_size(masks: torch.Tensor, size: int) -> torch.Tensor:
     return out.reshape(*masks.shape[:-2], size, size)
 
 
+def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BCE + soft Dice (per item, then the mean) of mask logits against a binary target: the mask loss
+    of the learned in-context paths (the dense matcher's mask head, the UniverSeg-style comparator)."""
+    p = torch.sigmoid(logits)
+    inter = (p * target).flatten(1).sum(1)
+    dice = (2 * inter + 1) / (p.flatten(1).sum(1) + target.flatten(1).sum(1) + 1)
+    return F.binary_cross_entropy_with_logits(logits, target) + (1 - dice).mean()
+
+
 def batch_dice(prob: torch.Tensor, target: torch.Tensor, threshold: float = 0.5) -> list[float]:
     """Per-item Dice of ``prob > threshold`` vs binary ``target`` ((B, H, W) each); empty vs empty = 1."""
     pred = prob > threshold

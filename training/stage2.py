@@ -9,6 +9,13 @@ projectors, markers and query slots fully trained.
 Each episode gives a text, k supports (0..K_max) and a query from one task's train split; the loss
 is MSE(S, C) with S = encoder(text, supports, query) and C = condition_encoder(query mask).
 
+With the dense layout (``lm.support_tokens: dense``, issue 16) the encoder also predicts the query's
+mask logits at the mask resolution; the loss adds ``train.mask_weight`` x (BCE + soft Dice) of those
+against the true mask, and for the first ``train.teacher_steps`` steps against the label
+propagation's mask instead (items with supports: the propagation is a free teacher on any task).
+``data.pseudo_prob`` mixes superpixel and synthetic pseudo-tasks (training/pseudo_tasks.py) into the
+real episodes; the number of distinct tasks seen is logged at the end.
+
 Validation decodes the predicted S with the frozen decoder and reports Dice per task and mean, at
 k = 0 and k = K (supports from the train split), so in-context gain is visible during training.
 """
@@ -25,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from segicl.pipeline import SegICLPipeline
-from training.common import PipelineTask, adamw_with_schedule, at_mask_size, batch_dice, val_items
+from training.common import PipelineTask, adamw_with_schedule, at_mask_size, batch_dice, seg_loss, val_items
 
 
 class Stage2Task(PipelineTask):
@@ -36,6 +43,22 @@ class Stage2Task(PipelineTask):
         # frozen teacher parts: kept out of the module tree so the optimizer and DeepSpeed never see them
         self._frozen = (pipe.condition_encoder.requires_grad_(False).eval(), pipe.decoder.requires_grad_(False).eval())
         self.train_cfg = train_cfg
+        self.mask_weight = float(train_cfg.get("mask_weight", 1.0))
+        self.teacher_steps = int(train_cfg.get("teacher_steps", 0))
+        self.steps_seen = 0  # forward calls in training mode (the teacher phase; restarts at 0 on resume)
+        self.pseudo_seen, self.real_tasks = 0, set()  # every pseudo-episode is a new task
+
+    def _dense_loss(self, out: dict[str, torch.Tensor], qm: torch.Tensor, ks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(BCE + soft Dice) of the mask head against the true mask, or the propagation while teaching."""
+        target = qm.float()
+        if self.training and self.steps_seen <= self.teacher_steps and "prior" in out:
+            has = (torch.as_tensor(ks, device=qm.device) > 0).view(-1, 1, 1, 1)
+            target = torch.where(has, (out["prior"] > self.pipe.config.threshold).float(), target)
+        logits = out["mask_logits"].float()
+        with torch.no_grad():
+            hard = (logits > 0).float()
+            d = (2 * (hard * qm).flatten(1).sum(1) + 1e-6) / (hard.flatten(1).sum(1) + qm.flatten(1).sum(1) + 1e-6)
+        return seg_loss(logits, target), d.mean()
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         ce = self._frozen[0]
@@ -47,12 +70,26 @@ class Stage2Task(PipelineTask):
         with torch.no_grad():
             target = ce(qm)
             scond = ce(smask.flatten(0, 1)).view(b, k, *target.shape[1:]) if k else None
+        dense = self.encoder.cfg.lm.support_tokens == "dense"
+        if self.training:
+            self.steps_seen += 1
+            for name, label in zip(batch["dataset"], batch["label"]):  # distinct tasks seen (manifest)
+                if name.startswith("pseudo:"):
+                    self.pseudo_seen += 1
+                else:
+                    self.real_tasks.add(f"{name}:{int(label)}")
         pred = self.encoder(list(batch["text"]), q, simg if k else None, scond, ks if k else None,
-                            support_masks=smask if k else None)
+                            support_masks=smask if k else None, **({"return_dict": True} if dense else {}))
+        out = pred if dense else None
+        pred = out["cond"] if dense else pred
         loss = F.mse_loss(pred.float(), target.float())
         with torch.no_grad():
             cos = F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
-        return {"loss": loss, "cos": cos}
+        if not dense:
+            return {"loss": loss, "cos": cos}
+        mask_loss, head_dice = self._dense_loss(out, qm, ks)
+        return {"loss": loss + self.mask_weight * mask_loss, "cos": cos, "mask_loss": mask_loss.detach(),
+                "head_dice": head_dice}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.encoder.parameters() if p.requires_grad]
@@ -64,7 +101,10 @@ class Stage2Task(PipelineTask):
         enc = self.encoder
         if hasattr(enc.lm, "merge_and_unload"):  # LoRA: save merged weights in the plain architecture
             enc.lm = enc.lm.merge_and_unload()
-        return self.pipe.save_pretrained(path, extra={"stage": 2})
+        tasks = {"real_tasks": len(self.real_tasks), "pseudo_tasks": self.pseudo_seen,
+                 "distinct_tasks": len(self.real_tasks) + self.pseudo_seen}
+        print(f"stage 2: distinct tasks seen in this run: {tasks}")
+        return self.pipe.save_pretrained(path, extra={"stage": 2, "tasks_seen": tasks})
 
 
 def with_new_encoder(pipe: SegICLPipeline, overrides: dict[str, Any], seed: int = 0) -> SegICLPipeline:
@@ -92,6 +132,20 @@ def apply_lora(pipe: SegICLPipeline, lora: dict[str, Any]) -> None:
     enc.lm = get_peft_model(enc.lm, LoraConfig(**lora))
 
 
+def head_prob(pipe: SegICLPipeline, img: torch.Tensor, chunk: list[dict[str, Any]]) -> torch.Tensor:
+    """The dense encoder's mask-head probability (b, M, M) of val items."""
+    k = max(len(c["support_images"]) for c in chunk)
+    b, s, m = len(chunk), pipe.config.image_size, pipe.config.mask_size
+    simg, smask = torch.zeros(b, max(k, 1), 3, s, s), torch.zeros(b, max(k, 1), 1, m, m)
+    for i, c in enumerate(chunk):
+        for j, (x, y) in enumerate(zip(c["support_images"], c["support_masks"])):
+            simg[i, j], smask[i, j] = x, y
+    ks = [len(c["support_images"]) for c in chunk]
+    out = pipe.encoder([c["text"] for c in chunk], img, simg if k else None, None, ks if k else None,
+                       support_masks=smask if k else None, return_dict=True)
+    return torch.sigmoid(out["mask_logits"][:, 0])
+
+
 def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                 batch_size: int = 16) -> Callable[[nn.Module], dict[str, float]]:
     def val_fn(task: nn.Module) -> dict[str, float]:
@@ -104,6 +158,7 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
             for k, items in items_by_k.items():
                 g = torch.Generator().manual_seed(0)
                 per: dict[str, list[float]] = {}
+                head: dict[str, list[float]] = {}
                 mse = []
                 for i in range(0, len(items), batch_size):
                     chunk = items[i : i + batch_size]
@@ -111,6 +166,9 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                     msk = torch.stack([c["mask"] for c in chunk]).to(pipe.device)
                     sup = [list(zip(c["support_images"], c["support_masks"])) for c in chunk]
                     s = pipe.encode(img, [c["text"] for c in chunk], sup)
+                    if pipe.config.lm.support_tokens == "dense" and pipe.config.matching.mode == "none":
+                        for c, d in zip(chunk, batch_dice(head_prob(pipe, img, chunk), msk[:, 0])):
+                            head.setdefault(c["task"], []).append(d)
                     mse.append(F.mse_loss(s, pipe.condition_encoder(msk)).item())
                     prob = pipe.decode(img, s, [len(x) for x in sup], steps, 1, None, g)[:, 0]
                     for c, d in zip(chunk, batch_dice(prob, msk[:, 0])):
@@ -119,6 +177,8 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                     out[f"dice_k{k}/{name}"] = sum(v) / len(v)
                 out[f"dice_k{k}"] = sum(sum(v) / len(v) for v in per.values()) / max(1, len(per))
                 out[f"mse_k{k}"] = sum(mse) / max(1, len(mse))
+                if head:
+                    out[f"head_dice_k{k}"] = sum(sum(v) / len(v) for v in head.values()) / len(head)
         pipe.encoder.train(enc_training)
         ks = sorted(items_by_k)
         out["dice"] = out[f"dice_k{ks[-1]}"]
@@ -149,6 +209,13 @@ def episode_data(pipe: SegICLPipeline, config: dict[str, Any], data_dirs: Sequen
                               alt_prompt_prob=float(data_cfg.get("alt_prompt_prob", 0.5)),
                               text_drop_prob=float(data_cfg.get("text_drop_prob", 0.0)),
                               invert_prob=float(data_cfg.get("invert_prob", 0.0)))
+    pseudo_prob = float(data_cfg.get("pseudo_prob", 0.0))
+    if pseudo_prob > 0:
+        from training.pseudo_tasks import MixedEpisodes, PseudoTaskEpisodes
+
+        pseudo = PseudoTaskEpisodes(cache, k_max=k_max, length=len(train_ds), seed=seed + seed_offset,
+                                    kinds=data_cfg.get("pseudo_kinds"), image_size=cfg.image_size)
+        train_ds = MixedEpisodes(train_ds, pseudo, pseudo_prob, seed=seed + seed_offset)
     per_task = int(data_cfg.get("val_per_task", 8))
     items_by_k = {k: val_items(list(datasets.values()), per_task, seed, cfg.image_size, cfg.mask_size, k=k)
                   for k in sorted({0, int(data_cfg.get("val_k", k_max))})}
