@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="comma list: segicl, labelprop, vlsm:<saved model dir>, unet_supervised, unet_fewshot, "
                              "universeg:<saved model dir>")
     parser.add_argument("--k", type=_int_list, default=[0, 1, 3, 5], help="numbers of supports, e.g. 0,1,3,5")
-    parser.add_argument("--supports", type=_str_list, default=["random"], help="random and/or retrieved")
+    parser.add_argument("--supports", type=_str_list, default=["random"], help="random, retrieved and/or shuffled (another task's supports: an ablation)")
     parser.add_argument("--draws", type=int, default=1, help="support draws per (k, policy)")
     parser.add_argument("--checkpoint", default=None,
                         help="SegICL checkpoint dir (default: the shipped one; 'preset:tiny' = random tiny weights)")

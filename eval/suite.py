@@ -25,6 +25,10 @@ and never share the query's group (patient / case / sequence):
 - ``retrieved``: the k nearest train items of the query in the FAISS support store of
   :mod:`retrieval` built on that train split, filtered to the dataset and label, with the query's
   stem and group excluded. Deterministic: draws differ only in the method seed.
+- ``shuffled`` (an ablation, issue 16): the supports of *another task*: random train items of the
+  next evaluated dataset (in ``--data`` order; its first label), or of the dataset's next label when
+  only one dataset is evaluated. The instruction stays the query's. A model that reads its supports
+  must lose here; one that ignores them scores as with its own.
 
 Seeds: the seed of a prediction is ``derive_seed(seed, dataset, label, stem, draw)``, so the same
 run seed gives the same results.csv whatever the order or subset of the run (``seconds`` aside).
@@ -55,7 +59,7 @@ from segicl import CONFIGS_DIR, REPO_DIR
 from segicl.data import Sample, SegDataset, load_dataset
 
 DEFAULT_CONFIG = CONFIGS_DIR / "eval" / "default.yaml"
-POLICIES = ("random", "retrieved")
+POLICIES = ("random", "retrieved", "shuffled")
 
 
 # ------------------------------------------------------------------------------------- config
@@ -145,6 +149,15 @@ class SupportProvider:
         """The k support stems for ``query`` in ``draw``."""
         raise TypeError(f"{type(self).__name__} must implement stems()")
 
+    def samples(self, query: Sample, k: int, draw: int, cache: dict[str, Sample]) -> list[Sample]:
+        """The k support samples for ``query`` (``cache``: samples already read, by stem)."""
+        out = []
+        for s in self.stems(query, k, draw):
+            if s not in cache:
+                cache[s] = self.dataset.sample(s, query.label_value)
+            out.append(cache[s])
+        return out
+
     def _check(self, query: Sample, chosen: list[str], k: int) -> list[str]:
         if len(chosen) < k:
             raise ValueError(
@@ -188,6 +201,53 @@ class RetrievedSupports(SupportProvider):
         if k == 0:
             return []
         return self._check(query, retrieve_stems(self.store, query, k), k)
+
+
+class ShuffledSupports(SupportProvider):
+    """Random supports of another task (the ``other`` dataset's label ``other_label``): the shuffle ablation."""
+
+    policy = "shuffled"
+
+    def __init__(self, dataset: SegDataset, seed: int, other: SegDataset, other_label: int, split: str = "train"):
+        super().__init__(other, seed, split)
+        self.query_dataset, self.other_label = dataset.name, int(other_label)
+
+    def samples(self, query: Sample, k: int, draw: int, cache: dict[str, Sample]) -> list[Sample]:
+        cands = self.candidates(self.other_label)
+        rng = np.random.default_rng(derive_seed(self.seed, "shuffled_supports", self.query_dataset, query.label_value, draw))
+        chosen = [cands[i] for i in rng.permutation(len(cands))[:k]]
+        if len(chosen) < k:
+            raise ValueError(f"only {len(chosen)} {self.split} items of {self.dataset.name} for shuffled supports; k={k}")
+        key = f"shuffled:{self.dataset.name}:{self.other_label}:"
+        for s in chosen:
+            if key + s not in cache:
+                cache[key + s] = self.dataset.sample(s, self.other_label)
+        return [cache[key + s] for s in chosen]
+
+
+def shuffled_provider(datasets: Sequence[SegDataset], i: int, seed: int) -> ShuffledSupports:
+    """Supports of another task for the queries of ``datasets[i]``: the next dataset's first label, or the
+    next label of the same dataset when it is evaluated alone."""
+    ds = datasets[i]
+    if len(datasets) > 1:
+        other = datasets[(i + 1) % len(datasets)]
+        return ShuffledSupports(ds, seed, other, other.tasks()[0].label_value)
+    labels = [t.label_value for t in ds.tasks()]
+    if len(labels) < 2:
+        raise ValueError(f"--supports shuffled needs two datasets, or a dataset with two labels ({ds.name} has one)")
+    return _NextLabel(ds, seed, labels)
+
+
+class _NextLabel(ShuffledSupports):
+    """Shuffled supports inside one dataset: the query of label i gets supports of label i + 1."""
+
+    def __init__(self, dataset: SegDataset, seed: int, labels: list[int]):
+        super().__init__(dataset, seed, dataset, labels[0])
+        self.labels = labels
+
+    def samples(self, query: Sample, k: int, draw: int, cache: dict[str, Sample]) -> list[Sample]:
+        self.other_label = self.labels[(self.labels.index(query.label_value) + 1) % len(self.labels)]
+        return super().samples(query, k, draw, cache)
 
 
 def build_store(dataset: SegDataset, split: str) -> Any:
@@ -328,11 +388,13 @@ class Runner:
         total = sum(len(stems) * len(self._planned_jobs(spec)) for _, _, stems in plan for spec in cfg.methods)
         bar = tqdm(total=total, desc="evaluate", unit="item", disable=not cfg.progress, dynamic_ncols=True)
         qual_spec = self.qualitative_spec()
-        for ds in datasets:
+        for i, ds in enumerate(datasets):
             providers: dict[str, SupportProvider] = {
                 "random": RandomSupports(ds, cfg.seed),
                 "retrieved": RetrievedSupports(ds, cfg.seed, store_factory=self.store_factory),
             }
+            if "shuffled" in cfg.supports:
+                providers["shuffled"] = shuffled_provider(datasets, i, cfg.seed)
             qual_task = ds.tasks()[0].label_value
             for _ds, task, stems in (p for p in plan if p[0] is ds):
                 bar.set_postfix_str(f"{ds.name}/{task.label_name}")
@@ -385,12 +447,8 @@ class Runner:
                 else:
                     try:
                         if job.k:
-                            stems = providers[job.policy].stems(query, job.k, job.draw)
-                            for s in stems:
-                                if s not in support_cache:
-                                    support_cache[s] = ds.sample(s, task.label_value)
-                            supports = [support_cache[s] for s in stems]
-                            row["support_stems"] = ";".join(stems)
+                            supports = providers[job.policy].samples(query, job.k, job.draw, support_cache)
+                            row["support_stems"] = ";".join(s.stem for s in supports)
                         seed = derive_seed(cfg.seed, ds.name, task.label_value, query.stem, job.draw)
                         t0 = time.perf_counter()
                         prob, unc = method.predict(query, supports, text, seed)

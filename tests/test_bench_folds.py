@@ -1,4 +1,5 @@
-"""`segicl benchmark folds` end to end on the demo sample: a 2-step stage 1 per fold (smoke scale)."""
+"""`segicl benchmark folds` end to end on the demo sample: 2-step stage 1, dense matcher and UniverSeg-style
+comparator per fold (smoke scale)."""
 
 from __future__ import annotations
 
@@ -10,17 +11,20 @@ from tests.conftest import REPO
 
 
 def test_folds_train_without_the_held_out_dataset_and_score_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(bench_folds, "FOLDS", {"T": ("hc18_fetal_head_us",)})
+    monkeypatch.setattr(bench_folds, "FOLDS", {"T": ("hc18_fetal_head_us", "busbra_breast_us")})
     demo = REPO / "segicl" / "assets" / "demo"
     runs, out = tmp_path / "runs", tmp_path / "out"
-    argv = ["benchmark", "folds", "--data", str(demo), "--folds", "T", "--steps", "2", "--limit", "1",
-            "--runs", str(runs), "--out", str(out)]
+    argv = ["benchmark", "folds", "--data", str(demo), "--folds", "T", "--steps", "2", "--dense-steps", "2",
+            "--universeg-steps", "2", "--limit", "1", "--runs", str(runs), "--out", str(out)]
     assert main(argv) == 0
-    config = (runs / "T" / "config.yaml").read_text()
-    assert "hc18_fetal_head_us" in config  # excluded from training
+    for part in ("", "dense", "universeg"):  # every model of the fold trained without the held-out dataset
+        assert "hc18_fetal_head_us" in (runs / "T" / part / "config.yaml").read_text()
     rows = list(csv.DictReader(open(out / "folds.csv")))
-    assert {r["method"] for r in rows} == {"segicl", "segicl:no_blend", "segicl:route", "labelprop"}
-    assert all(r["dataset"] == "hc18_fetal_head_us" and 0 <= float(r["dice"]) <= 1 for r in rows)
-    assert "| T | hc18_fetal_head_us |" in (out / "folds.md").read_text()
+    assert {r["method"] for r in rows} == {"learned", "learned+native", "route+native", "route", "labelprop", "universeg"}
+    assert {(r["k"], r["supports"]) for r in rows if r["method"] == "learned"} == {("0", "none"), ("5", "retrieved"),
+                                                                                  ("5", "shuffled")}
+    assert all(r["dataset"] in bench_folds.FOLDS["T"] and 0 <= float(r["dice"]) <= 1 for r in rows)
+    table = (out / "folds.md").read_text()
+    assert "| T | hc18_fetal_head_us |" in table and "learned - labelprop" in table
     assert main(argv) == 0  # resumable: the trained fold is reused
-    assert list(csv.DictReader(open(out / "folds.csv")))[0]["train_s"] == "0"
+    assert "T 0 / " in (out / "folds.md").read_text()

@@ -61,3 +61,19 @@ def test_dense_layout_checks_its_config():
     enc = MultimodalEncoder(load_preset("tiny"))
     with pytest.raises(ValueError, match="return_dict"):
         enc(["x"], torch.zeros(1, 3, 64, 64), return_dict=True)
+
+
+def test_pipeline_runs_the_dense_learned_path_end_to_end():
+    import numpy as np
+
+    from segicl.pipeline import SegICLPipeline
+
+    pipe = SegICLPipeline.from_preset("tiny", lm={"support_tokens": "dense", "support_prior": "propagation"})
+    pipe.set_fine(mode="none").set_postprocess(mode="none")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (48, 40, 3), dtype=np.uint8)
+    sup = [(rng.integers(0, 255, (50, 50, 3), dtype=np.uint8), rng.random((50, 50)) > 0.6) for _ in range(2)]
+    g = torch.Generator().manual_seed(0)
+    out = pipe([img, img], text="segment", supports=[sup, []], num_inference_steps=2, generator=g)
+    assert out.paths == ["encoder", "encoder"]  # matching none: the learned path alone, with or without supports
+    assert out.masks[0].shape == (48, 40) and out.probabilities[1].shape == (48, 40)

@@ -351,3 +351,20 @@ def test_zero_or_no_uncertainty_leaves_columns_empty_and_no_section(unc_run, sha
     cols, rows = _read(alone.out / "results.csv")
     assert cols == report.RESULT_COLUMNS and rows
     assert all(r["unc_mean"] == "" and r["unc_auroc"] == "" for r in rows)
+
+
+def test_shuffled_supports_come_from_another_task(shared_data: Path, tmp_path: Path) -> None:
+    """The shuffle ablation: kvasir queries get wbc supports (the next dataset), and vice versa; a method
+    that reads its supports answers differently than with its own."""
+    cfg = _config(shared_data, tmp_path, ["mean_support"], supports=["random", "shuffled"])
+    run_suite(cfg, _injected())
+    _, rows = _read(tmp_path / "results.csv")
+    kvasir, wbc = (load_dataset(shared_data / d) for d in DATASETS)
+    wbc_train, kvasir_train = set(wbc.stems("train")), set(kvasir.stems("train"))
+    shuffled = [r for r in rows if r["supports"] == "shuffled"]
+    assert shuffled and not any(r["error"] for r in shuffled)
+    for r in shuffled:
+        other = wbc_train if r["dataset"] == "kvasir_seg" else kvasir_train
+        assert all(s in other for s in r["support_stems"].split(";"))
+    own = {(r["dataset"], r["label"], r["stem"], r["k"]): float(r["dice"]) for r in rows if r["supports"] == "random"}
+    assert any(abs(own[(r["dataset"], r["label"], r["stem"], r["k"])] - float(r["dice"])) > 1e-3 for r in shuffled)
