@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--matching", choices=["none", "route"], default=None,
                         help="SegICL matching.mode for this run (default: the checkpoint's config); route = with "
                              "supports, the decoder renders the label-propagation mask (segicl/matching.py)")
+    parser.add_argument("--dense-condition", choices=["tokens", "mask"], default=None,
+                        help="dense-layout checkpoints: what the decoder renders (default: the checkpoint's config): "
+                             "tokens = the LM's condition map, mask = the tokens of its mask head's mask")
     parser.add_argument("--fine", choices=["none", "auto", "always"], default=None,
                         help="SegICL fine.mode for this run (default: the checkpoint's config, auto); auto = items "
                              "whose supports' masks a mask_size grid cannot hold are segmented at native "
@@ -116,7 +119,7 @@ def main(args: argparse.Namespace) -> int:
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
     eval_config = load_eval_config(args.config)
-    for key in ("matching", "fine", "blend", "postprocess"):  # SegICL settings overridden for this run
+    for key in ("matching", "dense_condition", "fine", "blend", "postprocess"):  # SegICL settings overridden for this run
         if getattr(args, key) is not None:
             eval_config["segicl"] = {**(eval_config.get("segicl") or {}), key: getattr(args, key)}
     cfg = SuiteConfig(
@@ -158,7 +161,7 @@ def _describe(args: argparse.Namespace) -> str:
               "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
-                        ("--matching", args.matching), ("--fine", args.fine),
+                        ("--matching", args.matching), ("--dense-condition", args.dense_condition), ("--fine", args.fine),
                         ("--blend", args.blend), ("--postprocess", args.postprocess)):
         if value is not None:
             parts += [flag, str(value)]

@@ -359,6 +359,9 @@ def build_method(
         if scfg.get("matching") is not None:  # override the checkpoint's matching.mode ("none" / "route")
             pipe.set_matching(mode=scfg["matching"])
             desc += f" (matching.mode = {scfg['matching']})"
+        if scfg.get("dense_condition") is not None:  # override lm.dense_condition ("tokens" / "mask")
+            pipe.set_lm(dense_condition=scfg["dense_condition"])
+            desc += f" (lm.dense_condition = {scfg['dense_condition']})"
         if scfg.get("fine") is not None:  # override fine.mode ("none" / "auto" / "always")
             pipe.set_fine(mode=scfg["fine"])
             desc += f" (fine.mode = {scfg['fine']})"

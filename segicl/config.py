@@ -66,6 +66,9 @@ class LMConfig:
     #   values) is added to the slots, so the supports reach S through a path that needs no task memory
     #   | "propagation" (dense layout): the training-free label propagation of segicl/matching.py
     #   (``matching`` settings) enters each query token, so the learned matcher starts where it is
+    dense_condition: str = "tokens"  # dense layout: what the decoder renders: "tokens" (the LM's condition map S)
+    #   | "mask" (the condition encoder's tokens of the mask head's thresholded mask, as the route does with the
+    #   propagation's mask: the decoder renders crisp tokens best, and S regressed by MSE is blurry)
     # support_tokens "dense" (issue 16): no pooled slots; every image gives its full patch grid (one token
     # per condition-grid cell: vision token + the multi-scale patch features of segicl/matching.py under
     # it + a 2-D position embedding), a support token adds an embedding of its cell's mask, and the LM's
@@ -241,6 +244,8 @@ class SegICLConfig:
         if self.lm.support_tokens not in ("interleaved", "fused", "dense"):
             raise ValueError(f"lm.support_tokens must be 'interleaved', 'fused' or 'dense', not {self.lm.support_tokens!r}")
         dense = self.lm.support_tokens == "dense"
+        if self.lm.dense_condition not in ("tokens", "mask"):
+            raise ValueError(f"lm.dense_condition must be 'tokens' or 'mask', not {self.lm.dense_condition!r}")
         if (self.lm.support_prior == "propagation" and not dense) or (dense and self.lm.support_prior == "attention"):
             raise ValueError("lm.support_prior 'propagation' goes with support_tokens 'dense', 'attention' without it")
         if dense and self.image_size // self.vision.patch_size != self.mask_size // self.condition.patch_size:

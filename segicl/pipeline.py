@@ -154,6 +154,14 @@ class SegICLPipeline:
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"matching": fields}))
         return self
 
+    def set_lm(self, **fields: Any) -> SegICLPipeline:
+        """Change inference fields of ``config.lm`` (``dense_condition``), validated like a loaded config."""
+        bad = set(fields) - {"dense_condition"}
+        if bad:
+            raise ValueError(f"set_lm changes lm.dense_condition only (the other fields shape the weights), not {sorted(bad)}")
+        self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"lm": fields}))
+        return self
+
     def set_fine(self, **fields: Any) -> SegICLPipeline:
         """Change ``config.fine`` fields (e.g. ``mode="none"``), validated like a loaded config."""
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"fine": fields}))
@@ -272,9 +280,20 @@ class SegICLPipeline:
             ks = [len(x) for x in supports]
             if self.config.matching.mode == "route":
                 return self._route(images, texts, simg, smask, ks)
+            if self.config.lm.support_tokens == "dense":
+                return self._dense_condition(self.encoder(texts, images, simg, None, ks, support_masks=smask, return_dict=True))
             cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
             return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
+        if self.config.lm.support_tokens == "dense":
+            return self._dense_condition(self.encoder(texts, images, return_dict=True))
         return self.encoder(texts, images)
+
+    def _dense_condition(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dense layout's condition tokens: the LM's map S, or (``lm.dense_condition = "mask"``) the
+        condition encoder's tokens of the mask head's thresholded mask."""
+        if self.config.lm.dense_condition == "mask":
+            return self.route_condition(torch.sigmoid(out["mask_logits"]))
+        return out["cond"]
 
     @torch.no_grad()
     def decode(self, images: torch.Tensor, cond: torch.Tensor, ks: Sequence[int], num_inference_steps: int,

@@ -77,3 +77,19 @@ def test_pipeline_runs_the_dense_learned_path_end_to_end():
     out = pipe([img, img], text="segment", supports=[sup, []], num_inference_steps=2, generator=g)
     assert out.paths == ["encoder", "encoder"]  # matching none: the learned path alone, with or without supports
     assert out.masks[0].shape == (48, 40) and out.probabilities[1].shape == (48, 40)
+
+
+def test_dense_condition_mask_renders_the_mask_heads_mask():
+    from segicl.pipeline import SegICLPipeline
+
+    pipe = SegICLPipeline.from_preset("tiny", lm={"support_tokens": "dense", "support_prior": "propagation"})
+    q, si, sm = _episode(b=1, k=2)
+    sup = [[(si[0, j], sm[0, j]) for j in range(2)]]
+    with torch.no_grad():
+        tokens = pipe.encode(q, ["x"], sup)
+        out = pipe.encoder(["x"], q, si, None, [2], support_masks=sm, return_dict=True)
+        mask_cond = pipe.set_lm(dense_condition="mask").encode(q, ["x"], sup)
+        expected = pipe.condition_encoder((torch.sigmoid(out["mask_logits"]) > pipe.config.threshold).float())
+    assert torch.allclose(tokens, out["cond"], atol=1e-5) and torch.allclose(mask_cond, expected, atol=1e-5)
+    with pytest.raises(ValueError, match="dense_condition only"):
+        pipe.set_lm(hidden_size=8)
