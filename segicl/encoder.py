@@ -41,10 +41,11 @@ sub-cells under it (contrast, ridges: cues that hold on any modality), plus a le
 embedding. A support token adds an embedding of its cell's mask (the cell's mask pixels, so the
 label says where inside the cell the boundary runs). The LM's outputs at the query's tokens are the
 condition map S (one condition token per cell, what the decoder reads) and, through a linear mask
-head, the mask logits of every pixel of the cell (trained on true masks beside the MSE on C, and
-on the propagation as a teacher). With ``lm.support_prior="propagation"`` each query token also
-carries the training-free label propagation of its cell (``matching`` settings) and a "has
-supports" flag, so the matcher starts where the propagation is and learns to correct it.
+head, the mask logits of every pixel of the cell (trained on true masks beside the MSE on C). With
+``lm.support_prior="propagation"`` each query token also carries the training-free label
+propagation of its cell (``matching`` settings) and a "has supports" flag, and the mask head is a
+residual on the propagation's logit (zero-initialised head + a learned gain, items with supports):
+the learned matcher starts exactly where the propagation is and is trained to correct it.
 """
 
 from __future__ import annotations
@@ -171,6 +172,11 @@ class MultimodalEncoder(nn.Module):
             self.mask_head = nn.Linear(h, cell * cell)
             if cfg.lm.support_prior == "propagation":
                 self.prop_embed = _mlp(cell * cell + 1, h)
+                # residual: mask logits = head + gain x logit(propagation) for items with supports; the head
+                # starts at zero, so the learned path starts exactly at the propagation and learns corrections
+                nn.init.zeros_(self.mask_head.weight)
+                nn.init.zeros_(self.mask_head.bias)
+                self.prop_gain = nn.Parameter(torch.tensor(1.0))
         if cfg.lm.support_prior == "attention":
             self.prior_key = nn.Linear(width, 64)
             self.prior_logit_scale = nn.Parameter(torch.tensor(2.3))  # exp(2.3) ~ 10 = 1 / temperature
@@ -287,7 +293,11 @@ class MultimodalEncoder(nn.Module):
         s_pred = self.out_proj(hidden)
         out["cond"] = F.layer_norm(s_pred, (s_pred.shape[-1],))
         logits = self.mask_head(hidden).transpose(1, 2).reshape(b, -1, self.dense_grid, self.dense_grid)
-        out["mask_logits"] = F.pixel_shuffle(logits, self.dense_cell)  # (b, 1, M, M)
+        logits = F.pixel_shuffle(logits, self.dense_cell)  # (b, 1, M, M)
+        if "prior" in out:
+            has = torch.tensor([float(k > 0) for k in ks], device=dev, dtype=logits.dtype).view(b, 1, 1, 1)
+            logits = logits + has * self.prop_gain * torch.logit(out["prior"].to(logits.dtype).clamp(1e-3, 1 - 1e-3))
+        out["mask_logits"] = logits
         return out
 
     def _run_lm(self, seqs: list[torch.Tensor]) -> torch.Tensor:

@@ -93,3 +93,17 @@ def test_dense_condition_mask_renders_the_mask_heads_mask():
     assert torch.allclose(tokens, out["cond"], atol=1e-5) and torch.allclose(mask_cond, expected, atol=1e-5)
     with pytest.raises(ValueError, match="dense_condition only"):
         pipe.set_lm(hidden_size=8)
+
+
+def test_dense_mask_head_starts_at_the_propagation():
+    """'Start from the propagation, then pass it': before training, the mask head of an item with supports
+    is the label propagation itself (residual head initialised at zero); without supports it is undecided."""
+    from segicl.matching import match_supports
+
+    enc = _encoder()
+    q, si, sm = _episode(b=2, k=3)
+    with torch.no_grad():
+        out = enc(["x", "x"], q, si, None, [3, 0], support_masks=sm, return_dict=True)
+        prop = match_supports(q, si, sm, [3, 0], enc.cfg.matching, enc.cfg.mask_size)
+    assert torch.allclose(torch.sigmoid(out["mask_logits"][0]), prop[0].clamp(1e-3, 1 - 1e-3), atol=1e-5)
+    assert torch.allclose(torch.sigmoid(out["mask_logits"][1]), torch.full_like(prop[1], 0.5))
