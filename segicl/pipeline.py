@@ -298,10 +298,13 @@ class SegICLPipeline:
     @torch.no_grad()
     def decode(self, images: torch.Tensor, cond: torch.Tensor, ks: Sequence[int], num_inference_steps: int,
                num_samples: int = 1, sampler: str | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Sample masks (b, num_samples, M, M) from condition tokens; with the route on and a
-        ``route_decoder``, the items with supports (``ks[i] > 0``) are rendered by the route decoder."""
+        """Sample masks (b, num_samples, M, M) from condition tokens; with a ``route_decoder`` and condition
+        tokens of a mask (the route, or the dense layout's ``dense_condition = "mask"``), the items with
+        supports (``ks[i] > 0``) are rendered by the route decoder."""
         sampler = sampler or self.config.scheduler.sampler
-        routed = [i for i, k in enumerate(ks) if k] if self.route_decoder is not None and self.config.matching.mode == "route" else []
+        crisp = self.config.matching.mode == "route" or (self.config.lm.support_tokens == "dense"
+                                                          and self.config.lm.dense_condition == "mask")
+        routed = [i for i, k in enumerate(ks) if k] if self.route_decoder is not None and crisp else []
         if not routed:
             return self.decoder.sample(images, cond, self.scheduler, num_inference_steps, num_samples, sampler, generator)
         rest = [i for i, k in enumerate(ks) if not k]

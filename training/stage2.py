@@ -120,7 +120,7 @@ def with_new_encoder(pipe: SegICLPipeline, overrides: dict[str, Any], seed: int 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         encoder = MultimodalEncoder(cfg)
-    return SegICLPipeline(encoder, pipe.condition_encoder, pipe.decoder, pipe.scheduler, cfg)
+    return SegICLPipeline(encoder, pipe.condition_encoder, pipe.decoder, pipe.scheduler, cfg, route_decoder=pipe.route_decoder)
 
 
 def apply_lora(pipe: SegICLPipeline, lora: dict[str, Any]) -> None:
