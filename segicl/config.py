@@ -66,6 +66,8 @@ class LMConfig:
     #   values) is added to the slots, so the supports reach S through a path that needs no task memory
     #   | "propagation" (dense layout): the training-free label propagation of segicl/matching.py
     #   (``matching`` settings) enters each query token, so the learned matcher starts where it is
+    dense_vision: bool = True  # dense layout: add the vision tower's patch token to each token (False: only the
+    #   multi-scale patch features, standardised per image, so the matcher cannot key on a dataset's absolute look)
     dense_condition: str = "tokens"  # dense layout: what the decoder renders: "tokens" (the LM's condition map S)
     #   | "mask" (the condition encoder's tokens of the mask head's thresholded mask, as the route does with the
     #   propagation's mask: the decoder renders crisp tokens best, and S regressed by MSE is blurry)

@@ -244,15 +244,15 @@ class MultimodalEncoder(nn.Module):
         return F.pixel_unshuffle(x, self.dense_cell).flatten(2).transpose(1, 2)
 
     def dense_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(n, 3, S, S) -> (n, g*g, h): vision patch token + multi-scale features of its 4 x 4 sub-cells + position."""
+        """(n, 3, S, S) -> (n, g*g, h): vision patch token (``lm.dense_vision``) + multi-scale features of its
+        4 x 4 sub-cells + position."""
         g = self.dense_grid
-        grid = self.vision_grid(images)
-        vis = self.image_proj(self._to_grid(grid, g))
+        vis = self.image_proj(self._to_grid(self.vision_grid(images), g)) if self.cfg.lm.dense_vision else 0
         with torch.no_grad():
             f = patch_features(images.float(), 4 * g, 0.0, "multiscale")  # (n, 16 g^2, d), unit norm
             f = f.transpose(1, 2).reshape(len(images), -1, 4 * g, 4 * g)
             f = F.pixel_unshuffle(f, 4).flatten(2).transpose(1, 2)  # (n, g^2, 16 d)
-        return vis + self.feat_proj(f.to(vis.dtype)) + self.pos_embed
+        return vis + self.feat_proj(f.to(self.pos_embed.dtype)) + self.pos_embed
 
     def _dense(self, texts: list[str], query_images: torch.Tensor, support_images: torch.Tensor | None,
                support_masks: torch.Tensor | None, ks: list[int]) -> dict[str, torch.Tensor]:

@@ -107,3 +107,19 @@ def test_dense_mask_head_starts_at_the_propagation():
         prop = match_supports(q, si, sm, [3, 0], enc.cfg.matching, enc.cfg.mask_size)
     assert torch.allclose(torch.sigmoid(out["mask_logits"][0]), prop[0].clamp(1e-3, 1 - 1e-3), atol=1e-5)
     assert torch.allclose(torch.sigmoid(out["mask_logits"][1]), torch.full_like(prop[1], 0.5))
+
+
+def test_dense_vision_off_reads_only_the_image_relative_features():
+    torch.manual_seed(0)
+    enc = MultimodalEncoder(load_preset("tiny", lm={"support_tokens": "dense", "support_prior": "propagation",
+                                                    "dense_vision": False})).eval()
+    q, si, sm = _episode(b=1, k=2)
+    with torch.no_grad():
+        before = enc(["x"], q, si, None, [2], support_masks=sm)
+        for p in enc.vision.parameters():
+            p.add_(1.0)
+        after = enc(["x"], q, si, None, [2], support_masks=sm)
+        # a global brightness / contrast change of every image leaves the features (standardised per image) alone
+        shifted = enc(["x"], q * 0.8 + 0.1, si * 0.8 + 0.1, None, [2], support_masks=sm)
+    assert torch.equal(before, after)
+    assert torch.allclose(before, shifted, atol=2e-2)
