@@ -73,7 +73,7 @@ class Stage2Task(PipelineTask):
         dense = self.encoder.cfg.lm.support_tokens == "dense"
         if self.training:
             self.steps_seen += 1
-            for name, label in zip(batch["dataset"], batch["label"]):  # distinct tasks seen (manifest)
+            for name, label in zip(batch.get("dataset", ()), batch.get("label", ())):  # distinct tasks seen (manifest)
                 if name.startswith("pseudo:"):
                     self.pseudo_seen += 1
                 else:

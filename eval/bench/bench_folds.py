@@ -26,7 +26,8 @@ label), supports retrieved from their train split:
 - ``route``: the propagation rendered by the decoder alone; ``labelprop``: the propagation alone;
 - ``universeg``: the comparator.
 
-Writes ``folds.csv`` (fold, dataset, method, k, supports, dice) and ``folds.md`` (held-out Dice at
+Evaluations newer than the models they scored are reused, so a killed run resumes where it stopped.
+Writes, after every fold, ``folds.csv`` (fold, dataset, method, k, supports, dice) and ``folds.md`` (held-out Dice at
 k = 5 retrieved per dataset and mean, the k = 0 and shuffled columns of the learned path, the issue's
 targets per fold, training and evaluation seconds) under ``--out``.
 
@@ -107,13 +108,19 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
     for name, (model, ks, supports, extra) in runs.items():
         out = run / f"eval_{name.replace('+', '_')}"
         methods = [] if "--methods" in extra else ["--methods", "segicl"]
-        eval_main(eval_args([*data, *common, "--k", ks, "--supports", supports, *methods, *extra,
-                             "--checkpoint", model, "--out", str(out)]))
+        if not _fresh(out / "summary.csv", [Path(model) / "manifest.json", run / "universeg" / "model" / "manifest.json"]):
+            eval_main(eval_args([*data, *common, "--k", ks, "--supports", supports, *methods, *extra,
+                                 "--checkpoint", model, "--out", str(out)]))
         for r in csv.DictReader(open(out / "summary.csv")):
             method = name if r["method"] == "segicl" else r["method"].split(":")[0]
             rows.append({"fold": fold, "dataset": r["dataset"], "label": r["label"], "method": method,
                          "k": int(r["k"] or 0), "supports": r["supports"], "dice": float(r["dice_mean"])})
     return rows
+
+
+def _fresh(result: Path, models: list[Path]) -> bool:
+    """An evaluation is reused (resumable runs) when its summary is newer than every model it scored."""
+    return result.is_file() and all(not m.is_file() or m.stat().st_mtime < result.stat().st_mtime for m in models)
 
 
 def _dataset_means(rows: list[dict]) -> dict[tuple, float]:
@@ -170,6 +177,12 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.time()
         rows += _evaluate(fold, held_out, args)
         times[fold] = (train_s, time.time() - t0)
+        text = _write(rows, args, times)  # after every fold: a long run killed later keeps its finished folds
+    print(text)
+    return 0
+
+
+def _write(rows: list[dict], args: argparse.Namespace, times: dict[str, tuple[float, float]]) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "folds.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -177,5 +190,4 @@ def main(args: argparse.Namespace) -> int:
         w.writerows(rows)
     text = _table(_dataset_means(rows), args, times)
     (args.out / "folds.md").write_text(text)
-    print(text)
-    return 0
+    return text
