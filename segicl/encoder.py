@@ -265,6 +265,7 @@ class MultimodalEncoder(nn.Module):
         mk = self.markers.weight
         q_tok = tok[:b] + mk[2]
         out: dict[str, torch.Tensor] = {}
+        has = torch.tensor([float(k > 0) for k in ks], device=dev, dtype=q_tok.dtype)  # items with supports
         if self.cfg.lm.support_prior == "propagation":
             if sum(ks):
                 with torch.no_grad():
@@ -272,8 +273,8 @@ class MultimodalEncoder(nn.Module):
                                            self.cfg.matching, m)
             else:
                 prior = query_images.new_zeros(b, 1, m, m)
-            has = torch.tensor([float(k > 0) for k in ks], device=dev).view(b, 1, 1).expand(b, q_tok.shape[1], 1)
-            q_tok = q_tok + self.prop_embed(torch.cat([self._cells(prior.to(q_tok.dtype)), has.to(q_tok.dtype)], -1))
+            flag = has.view(b, 1, 1).expand(b, q_tok.shape[1], 1)
+            q_tok = q_tok + self.prop_embed(torch.cat([self._cells(prior.to(q_tok.dtype)), flag], -1))
             out["prior"] = prior
         if sum(ks):
             smask = torch.cat([support_masks[i, : ks[i]] for i in range(b) if ks[i]]).float()
@@ -295,8 +296,7 @@ class MultimodalEncoder(nn.Module):
         logits = self.mask_head(hidden).transpose(1, 2).reshape(b, -1, self.dense_grid, self.dense_grid)
         logits = F.pixel_shuffle(logits, self.dense_cell)  # (b, 1, M, M)
         if "prior" in out:
-            has = torch.tensor([float(k > 0) for k in ks], device=dev, dtype=logits.dtype).view(b, 1, 1, 1)
-            logits = logits + has * self.prop_gain * torch.logit(out["prior"].to(logits.dtype).clamp(1e-3, 1 - 1e-3))
+            logits = logits + has.view(b, 1, 1, 1).to(logits.dtype) * self.prop_gain * torch.logit(out["prior"].to(logits.dtype).clamp(1e-3, 1 - 1e-3))
         out["mask_logits"] = logits
         return out
 

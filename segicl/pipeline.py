@@ -265,32 +265,43 @@ class SegICLPipeline:
             h.update(v.detach().cpu().float().numpy().tobytes())
         return f"segicl-vision:{h.hexdigest()[:16]}"
 
+    def _support_batch(self, images: torch.Tensor, supports: list[list[tuple[torch.Tensor, torch.Tensor]]]):
+        """Per-item support lists -> padded (B, K, 3, S, S) images, (B, K, 1, M, M) masks and k per item;
+        (None, None, None) when no item has supports."""
+        b, k = images.shape[0], max((len(x) for x in supports), default=0)
+        if not k:
+            return None, None, None
+        s, m = self.config.image_size, self.config.mask_size
+        simg = torch.zeros(b, k, 3, s, s, device=self.device)
+        smask = torch.zeros(b, k, 1, m, m, device=self.device)
+        for i, sup in enumerate(supports):
+            for j, (im, mk) in enumerate(sup):
+                simg[i, j], smask[i, j] = im, mk
+        return simg, smask, [len(x) for x in supports]
+
+    @torch.no_grad()
+    def encode_dense(self, images: torch.Tensor, texts: list[str],
+                     supports: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+        """Dense layout: the encoder's outputs ``{"cond", "mask_logits"[, "prior"]}`` for model-resolution tensors."""
+        simg, smask, ks = self._support_batch(images, supports)
+        return self.encoder(texts, images, simg, None, ks, support_masks=smask, return_dict=True)
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor, texts: list[str], supports: list[list[tuple[torch.Tensor, torch.Tensor]]]) -> torch.Tensor:
         """Model-resolution tensors -> predicted condition tokens S (B, N, d_c)."""
-        b = images.shape[0]
-        k = max((len(s) for s in supports), default=0)
-        s, m = self.config.image_size, self.config.mask_size
-        if k:
-            simg = torch.zeros(b, k, 3, s, s, device=self.device)
-            smask = torch.zeros(b, k, 1, m, m, device=self.device)
-            for i, sup in enumerate(supports):
-                for j, (im, mk) in enumerate(sup):
-                    simg[i, j], smask[i, j] = im, mk
-            ks = [len(x) for x in supports]
-            if self.config.matching.mode == "route":
-                return self._route(images, texts, simg, smask, ks)
-            if self.config.lm.support_tokens == "dense":
-                return self._dense_condition(self.encoder(texts, images, simg, None, ks, support_masks=smask, return_dict=True))
-            cond = self.condition_encoder(smask.flatten(0, 1)).view(b, k, *self.decoder.null_cond.shape[1:])
-            return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
+        simg, smask, ks = self._support_batch(images, supports)
+        if simg is not None and self.config.matching.mode == "route":
+            return self._route(images, texts, simg, smask, ks)
         if self.config.lm.support_tokens == "dense":
-            return self._dense_condition(self.encoder(texts, images, return_dict=True))
-        return self.encoder(texts, images)
+            return self.dense_condition(self.encoder(texts, images, simg, None, ks, support_masks=smask, return_dict=True))
+        if simg is None:
+            return self.encoder(texts, images)
+        cond = self.condition_encoder(smask.flatten(0, 1)).view(*smask.shape[:2], *self.decoder.null_cond.shape[1:])
+        return self.encoder(texts, images, simg, cond, ks, support_masks=smask)
 
-    def _dense_condition(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The dense layout's condition tokens: the LM's map S, or (``lm.dense_condition = "mask"``) the
-        condition encoder's tokens of the mask head's thresholded mask."""
+    def dense_condition(self, out: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The dense layout's condition tokens from :meth:`encode_dense`'s outputs: the LM's map S, or
+        (``lm.dense_condition = "mask"``) the condition encoder's tokens of the mask head's thresholded mask."""
         if self.config.lm.dense_condition == "mask":
             return self.route_condition(torch.sigmoid(out["mask_logits"]))
         return out["cond"]

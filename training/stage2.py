@@ -56,9 +56,8 @@ class Stage2Task(PipelineTask):
             target = torch.where(has, (out["prior"] > self.pipe.config.threshold).float(), target)
         logits = out["mask_logits"].float()
         with torch.no_grad():
-            hard = (logits > 0).float()
-            d = (2 * (hard * qm).flatten(1).sum(1) + 1e-6) / (hard.flatten(1).sum(1) + qm.flatten(1).sum(1) + 1e-6)
-        return seg_loss(logits, target), d.mean()
+            d = batch_dice(torch.sigmoid(logits[:, 0]), qm[:, 0])
+        return seg_loss(logits, target), torch.tensor(sum(d) / len(d))
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         ce = self._frozen[0]
@@ -67,10 +66,10 @@ class Stage2Task(PipelineTask):
         simg, smask = batch["support_images"], at_mask_size(batch["support_masks"], m)
         ks = batch["num_supports"]
         b, k = simg.shape[:2]
+        dense = self.encoder.cfg.lm.support_tokens == "dense"
         with torch.no_grad():
             target = ce(qm)
-            scond = ce(smask.flatten(0, 1)).view(b, k, *target.shape[1:]) if k else None
-        dense = self.encoder.cfg.lm.support_tokens == "dense"
+            scond = ce(smask.flatten(0, 1)).view(b, k, *target.shape[1:]) if k and not dense else None  # dense reads masks
         if self.training:
             self.steps_seen += 1
             for name, label in zip(batch.get("dataset", ()), batch.get("label", ())):  # distinct tasks seen (manifest)
@@ -132,20 +131,6 @@ def apply_lora(pipe: SegICLPipeline, lora: dict[str, Any]) -> None:
     enc.lm = get_peft_model(enc.lm, LoraConfig(**lora))
 
 
-def head_prob(pipe: SegICLPipeline, img: torch.Tensor, chunk: list[dict[str, Any]]) -> torch.Tensor:
-    """The dense encoder's mask-head probability (b, M, M) of val items."""
-    k = max(len(c["support_images"]) for c in chunk)
-    b, s, m = len(chunk), pipe.config.image_size, pipe.config.mask_size
-    simg, smask = torch.zeros(b, max(k, 1), 3, s, s), torch.zeros(b, max(k, 1), 1, m, m)
-    for i, c in enumerate(chunk):
-        for j, (x, y) in enumerate(zip(c["support_images"], c["support_masks"])):
-            simg[i, j], smask[i, j] = x, y
-    ks = [len(c["support_images"]) for c in chunk]
-    out = pipe.encoder([c["text"] for c in chunk], img, simg if k else None, None, ks if k else None,
-                       support_masks=smask if k else None, return_dict=True)
-    return torch.sigmoid(out["mask_logits"][:, 0])
-
-
 def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                 batch_size: int = 16) -> Callable[[nn.Module], dict[str, float]]:
     def val_fn(task: nn.Module) -> dict[str, float]:
@@ -165,10 +150,14 @@ def make_val_fn(items_by_k: dict[int, list[dict[str, Any]]], steps: int,
                     img = torch.stack([c["image"] for c in chunk]).to(pipe.device)
                     msk = torch.stack([c["mask"] for c in chunk]).to(pipe.device)
                     sup = [list(zip(c["support_images"], c["support_masks"])) for c in chunk]
-                    s = pipe.encode(img, [c["text"] for c in chunk], sup)
+                    texts = [c["text"] for c in chunk]
                     if pipe.config.lm.support_tokens == "dense" and pipe.config.matching.mode == "none":
-                        for c, d in zip(chunk, batch_dice(head_prob(pipe, img, chunk), msk[:, 0])):
+                        dense = pipe.encode_dense(img, texts, sup)  # one forward for S and the mask head
+                        s = pipe.dense_condition(dense)
+                        for c, d in zip(chunk, batch_dice(torch.sigmoid(dense["mask_logits"][:, 0]), msk[:, 0])):
                             head.setdefault(c["task"], []).append(d)
+                    else:
+                        s = pipe.encode(img, texts, sup)
                     mse.append(F.mse_loss(s, pipe.condition_encoder(msk)).item())
                     prob = pipe.decode(img, s, [len(x) for x in sup], steps, 1, None, g)[:, 0]
                     for c, d in zip(chunk, batch_dice(prob, msk[:, 0])):

@@ -67,7 +67,7 @@ def _train_one(stage: str, config: str, run: Path, held_out: tuple[str, ...], st
     from training.cli import main as train_main
     from training.cli import parse_args as train_args
 
-    if (run / "model" / ("config.json" if stage != "universeg" else "model.safetensors")).is_file():
+    if (run / "model" / "manifest.json").is_file():  # every saved model ends with its manifest
         return 0.0
     argv = [stage, "--config", str(TRAIN_CONFIGS / config), "--data", str(args.data), "--exclude", ",".join(held_out),
             "--max-steps", str(steps), "--out", str(run), "--set", "train.val_every=500", "--set", "train.keep_last=1",
