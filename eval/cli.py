@@ -64,6 +64,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--postprocess", choices=["none", "auto"], default=None,
                         help="SegICL postprocess.mode for this run (default: the checkpoint's config, auto); auto = "
                              "largest component / hole filling where the supports' masks are one piece / have no holes")
+    parser.add_argument("--embedder", default=None, metavar="SPEC",
+                        help="support-store embedder for --supports retrieved: pixel, hog, segicl[:<checkpoint dir>] "
+                             "(default: the store's default, see docs/retrieval.md)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -134,6 +137,7 @@ def main(args: argparse.Namespace) -> int:
         steps=args.steps,
         samples=args.samples,
         seed=args.seed,
+        embedder=args.embedder,
         limit=args.limit,
         config=eval_config,
         config_path=str(args.config) if args.config else None,
@@ -161,6 +165,7 @@ def _describe(args: argparse.Namespace) -> str:
               "--supports", ",".join(args.supports), "--draws", str(args.draws), "--seed", str(args.seed)]
     for flag, value in (("--checkpoint", args.checkpoint), ("--checkpoints", args.checkpoints), ("--steps", args.steps),
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
+                        ("--embedder", args.embedder),
                         ("--matching", args.matching), ("--dense-condition", args.dense_condition), ("--fine", args.fine),
                         ("--blend", args.blend), ("--postprocess", args.postprocess)):
         if value is not None:

@@ -36,6 +36,7 @@ run seed gives the same results.csv whatever the order or subset of the run (``s
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -92,6 +93,7 @@ class SuiteConfig:
     steps: int | None = None  # SegICL inference steps (None: config)
     samples: int | None = None  # SegICL diffusion samples (None: config)
     seed: int = 0
+    embedder: str | None = None  # support-store embedder spec for ``retrieved`` (None: retrieval's default)
     limit: int | None = None  # first N items of the split per task
     config: dict[str, Any] = field(default_factory=dict)  # eval config (configs/eval/*.yaml)
     config_path: str | None = None
@@ -250,11 +252,11 @@ class _NextLabel(ShuffledSupports):
         return super().samples(query, k, draw, cache)
 
 
-def build_store(dataset: SegDataset, split: str) -> Any:
-    """A FAISS support store over ``dataset``'s ``split`` (the retrieval package's default embedder)."""
+def build_store(dataset: SegDataset, split: str, embedder: str | None = None) -> Any:
+    """A FAISS support store over ``dataset``'s ``split`` (``embedder``: a spec; None = retrieval's default)."""
     from retrieval.store import SupportStore
 
-    return SupportStore.build([dataset.root], split=split)
+    return SupportStore.build([dataset.root], split=split, embedder=embedder)
 
 
 def retrieve_stems(store: Any, query: Sample, k: int) -> list[str]:
@@ -325,7 +327,7 @@ class Runner:
     def __init__(self, cfg: SuiteConfig, methods: dict[str, Method] | None = None,
                  store_factory: Callable[[SegDataset, str], Any] | None = None):
         cfg.validate(injected=list(methods or {}))
-        self.store_factory = store_factory
+        self.store_factory = store_factory or functools.partial(build_store, embedder=cfg.embedder)
         self.cfg = cfg
         self.threshold = float(cfg.config.get("threshold", 0.5))
         self.nsd_tolerance = float(cfg.config.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE))

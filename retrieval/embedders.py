@@ -11,6 +11,12 @@ Specs understood by :func:`get_embedder`:
     Cheap baseline, no weights: a ``size`` x ``size`` grayscale thumbnail (standardised, so cosine
     is the thumbnails' correlation) + a grayscale intensity histogram + per-channel colour
     histograms, each block normalised and weighted (dim 336 at size 16).
+``hog`` / ``hog:<size>``
+    A classic descriptor, no weights: histograms of oriented gradients (scikit-image ``hog``, 9
+    orientations, 16 px cells, 2 x 2 blocks) of the ``size`` x ``size`` grayscale image (default 128)
+    + a rotation-invariant uniform local-binary-pattern texture histogram (``local_binary_pattern``,
+    P = 8, R = 1) + the ``pixel`` embedder's intensity and colour histograms, each block normalised
+    and weighted: shape and texture rather than raw intensities.
 ``openclip:<dir>`` / ``openclip:<model-name>@<checkpoint file>``
     Any open_clip model from local files (``pretrained=None`` + ``load_state_dict``). A directory
     holds ``open_clip_config.json`` (``{"model_cfg": {...}, "preprocess_cfg": {...}}``, the hub
@@ -91,16 +97,68 @@ class PixelEmbedder:
         thumb = thumb - thumb.mean()
         std = thumb.std()
         thumb = thumb / std if std > 1e-6 else np.zeros_like(thumb)
+        ghist, chist = self.histograms(rgb)
+        return _weighted_blocks([(thumb, self.W_THUMB), (ghist, self.W_GRAY), (chist, self.W_COLOUR)])
+
+    def histograms(self, rgb: Image.Image) -> tuple[np.ndarray, np.ndarray]:
+        """Hellinger-mapped grayscale and per-channel colour histograms of a 64 x 64 copy."""
         small = rgb.resize((64, 64), Image.Resampling.BILINEAR)
         arr = np.asarray(small, dtype=np.float32) / 255.0  # (64, 64, 3)
         g = np.asarray(small.convert("L"), dtype=np.float32).ravel() / 255.0
-        ghist = np.sqrt(np.histogram(g, bins=self.GRAY_BINS, range=(0.0, 1.0))[0] / g.size)  # Hellinger
+        ghist = np.sqrt(np.histogram(g, bins=self.GRAY_BINS, range=(0.0, 1.0))[0] / g.size)
         chist = np.concatenate([
             np.sqrt(np.histogram(arr[..., c], bins=self.COLOUR_BINS, range=(0.0, 1.0))[0] / g.size) for c in range(3)
         ])
-        blocks = [(thumb, self.W_THUMB), (ghist, self.W_GRAY), (chist, self.W_COLOUR)]
-        parts = [w * b / max(float(np.linalg.norm(b)), 1e-12) for b, w in blocks]
-        return np.concatenate(parts).astype(np.float32)
+        return ghist, chist
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        return l2_normalise(np.stack([self._one(im) for im in images]))
+
+
+def _weighted_blocks(blocks: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Each block L2-normalised, times its weight, concatenated."""
+    return np.concatenate([w * b / max(float(np.linalg.norm(b)), 1e-12) for b, w in blocks]).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------- hog
+class HOGEmbedder:
+    """HOG + LBP texture + intensity/colour histograms (scikit-image); deterministic, no weights."""
+
+    name = "hog"
+    VERSION = 1
+    CELL = 16
+    LBP_POINTS = 8
+    # Block weights (each block L2-normalised first): gradient layout first, texture and colour next.
+    W_HOG, W_LBP, W_GRAY, W_COLOUR = 1.0, 0.5, 0.25, 0.25
+
+    def __init__(self, size: int = 128):
+        if not 32 <= int(size) <= 512 or int(size) % self.CELL:
+            raise EmbedderError(f"hog embedder: image size must be a multiple of {self.CELL} in 32..512, got {size}")
+        try:
+            from skimage import feature
+        except ImportError as exc:  # scikit-image is a dependency; say so if it is missing
+            raise EmbedderError(f"hog embedder needs scikit-image ({exc})") from exc
+        self._feature = feature
+        self.size = int(size)
+        self._hist = PixelEmbedder(16)
+        cells = self.size // self.CELL
+        n_lbp = self.LBP_POINTS + 2  # uniform rotation-invariant codes 0..P, and P + 1 for the rest
+        self.dim = (cells - 1) ** 2 * 4 * 9 + n_lbp + PixelEmbedder.GRAY_BINS + 3 * PixelEmbedder.COLOUR_BINS
+        self.spec = "hog" if self.size == 128 else f"hog:{self.size}"
+        self.id = f"hog-v{self.VERSION}-s{self.size}"
+
+    def _one(self, image: Image.Image) -> np.ndarray:
+        rgb = image.convert("RGB")
+        gray = np.asarray(rgb.convert("L").resize((self.size, self.size), Image.Resampling.BILINEAR), dtype=np.float32) / 255.0
+        hog = self._feature.hog(gray, orientations=9, pixels_per_cell=(self.CELL, self.CELL), cells_per_block=(2, 2),
+                                block_norm="L2-Hys", feature_vector=True)
+        lbp = self._feature.local_binary_pattern((gray * 255).astype(np.uint8), self.LBP_POINTS, 1, method="uniform")
+        lhist = np.sqrt(np.bincount(lbp.astype(np.int64).ravel(), minlength=self.LBP_POINTS + 2) / lbp.size)
+        ghist, chist = self._hist.histograms(rgb)
+        return _weighted_blocks([(hog.astype(np.float32), self.W_HOG), (lhist, self.W_LBP),
+                                 (ghist, self.W_GRAY), (chist, self.W_COLOUR)])
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not len(images):
@@ -267,10 +325,15 @@ def get_embedder(spec: str | Embedder | None = None) -> Embedder:
             return PixelEmbedder(int(arg) if arg else 16)
         except ValueError as exc:
             raise EmbedderError(f"pixel embedder: bad spec {spec!r} ({exc})") from exc
+    if kind == "hog":
+        try:
+            return HOGEmbedder(int(arg) if arg else 128)
+        except ValueError as exc:
+            raise EmbedderError(f"hog embedder: bad spec {spec!r} ({exc})") from exc
     if kind in ("openclip", "open_clip"):
         if not arg:
             raise EmbedderError("openclip embedder needs a source: openclip:<dir> or openclip:<model-name>@<checkpoint file>")
         return OpenCLIPEmbedder(arg)
     if kind == "segicl":
         return SegICLEmbedder(arg or None)
-    raise EmbedderError(f"unknown embedder {spec!r}; use pixel[:size], openclip:<dir|name@file> or segicl[:<checkpoint dir>]")
+    raise EmbedderError(f"unknown embedder {spec!r}; use pixel[:size], hog[:size], openclip:<dir|name@file> or segicl[:<checkpoint dir>]")

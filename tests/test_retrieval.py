@@ -93,6 +93,29 @@ def test_pixel_embedder_is_normalised_deterministic_and_separates_modalities(dem
         get_embedder("openclip:/nonexistent/dir")
 
 
+def test_hog_embedder_matches_shape_and_texture_not_brightness():
+    """The classic descriptor: a disc under another brightness and contrast stays nearest to a disc, a
+    stripe pattern to stripes; same input, same vector."""
+    emb = get_embedder("hog")
+    assert emb.id == "hog-v1-s128" and emb.dim == 7 * 7 * 4 * 9 + 10 + 32 + 48
+    yy, xx = np.mgrid[:96, :96]
+    disc = ((yy - 48) ** 2 + (xx - 48) ** 2 < 30**2).astype(np.float32)
+    stripes = ((xx // 6) % 2).astype(np.float32)
+
+    def img(a, lo, hi):
+        return Image.fromarray((lo + (hi - lo) * a).astype(np.uint8)).convert("RGB")
+
+    gallery = emb.embed([img(disc, 20, 200), img(stripes, 20, 200)])
+    queries = emb.embed([img(disc, 90, 160), img(stripes, 90, 160), img(disc, 90, 160)])
+    assert queries.shape == (3, emb.dim) and queries.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(queries, axis=1), 1, atol=1e-5)
+    np.testing.assert_array_equal(queries[0], queries[2])  # deterministic
+    assert list((queries[:2] @ gallery.T).argmax(1)) == [0, 1]
+    assert get_embedder("hog:64").dim == 3 * 3 * 4 * 9 + 10 + 32 + 48
+    with pytest.raises(EmbedderError, match="multiple of 16"):
+        get_embedder("hog:100")
+
+
 def _tiny_openclip_dir(root: Path) -> Path:
     import torch
     from open_clip.model import CLIP
