@@ -58,7 +58,8 @@ def _evaluate(datasets: list[Path], supports: str, embedder: str | None, out: Pa
     if not summary.is_file():
         argv = [x for d in datasets for x in ("--data", str(d))]
         argv += ["--split", args.split, "--methods", args.methods, "--k", str(args.k), "--supports", supports,
-                 "--draws", "1", "--limit", str(args.limit), "--no-progress", "--out", str(out)]
+                 "--draws", "1", "--limit", str(args.limit), "--steps", "10", "--samples", "1", "--no-progress",
+                 "--out", str(out)]
         eval_main(eval_args(argv + (["--embedder", embedder] if embedder else [])))
     return summary
 

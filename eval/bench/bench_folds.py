@@ -136,6 +136,13 @@ COLUMNS = (("labelprop", 5, "retrieved"), ("route", 5, "retrieved"), ("route+nat
            ("learned", 5, "shuffled"), ("learned+native", 5, "retrieved"))
 
 
+MEAN_COLUMNS = (("labelprop", 5, "retrieved"), ("route", 5, "retrieved"), ("universeg", 5, "retrieved"),
+                ("learned", 0, "none"), ("learned", 5, "retrieved"), ("learned", 5, "shuffled"),
+                ("route+native", 5, "retrieved"), ("learned+native", 5, "retrieved"))
+MEAN_HEAD = ("labelprop", "route", "UniverSeg-style", "learned k0", "learned k5", "learned, shuffled supports",
+             "route + native (default)", "learned + native")
+
+
 def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str, tuple[float, float]]) -> str:
     folds = list(dict.fromkeys((f, d) for f, d, *_ in means))
     head = [f"{m} k{k}" + (" shuffled" if s == "shuffled" else "") for m, k, s in COLUMNS]
@@ -161,6 +168,11 @@ def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str,
         lines.append(f"| {fold} | {lr5 - lp:+.3f} | {lr5 - mean(('learned', 0, 'none'), fold):+.3f} | "
                      f"{lr5 - mean(('learned', 5, 'shuffled'), fold):+.3f} | "
                      f"{mean(('learned+native', 5, 'retrieved'), fold) - lp:+.3f} |")
+    lines += ["", "Mean Dice per fold (the README's table; k = 5 retrieved unless k0):", "",
+              "| fold | " + " | ".join(MEAN_HEAD) + " |", "|---|" + "---|" * len(MEAN_COLUMNS)]
+    for fold in [*dict.fromkeys(f for f, _ in folds), None]:
+        lines.append(f"| {fold or 'mean of the ' + str(len(folds)) + ' datasets'} | "
+                     + " | ".join(f"{mean(c, fold):.3f}" for c in MEAN_COLUMNS) + " |")
     lines += ["", "Seconds (train, evaluate) per fold: " + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in times.items())
               + " (train 0 = the fold's models were already trained)."]
     return "\n".join(lines) + "\n"

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 
 BENCHMARKS = {
+    "all": ("eval.bench.bench_all",
+            "rerun every table of README.md and docs/results/ from configs/bench/all.yaml (--quick: a subset)"),
     "resolution": ("eval.bench.bench_resolution",
                    "oracle Dice at each working size beside the propagation and the model (CSV + Markdown)"),
+    "embedders": ("eval.bench.bench_embedders",
+                  "support-store embedders compared by the Dice of segmentation with the supports they retrieve"),
     "folds": ("eval.bench.bench_folds",
               "leave-dataset-group-out: train stage 1 per fold, score the held-out datasets in context"),
 }
