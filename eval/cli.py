@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--embedder", default=None, metavar="SPEC",
                         help="support-store embedder for --supports retrieved: pixel, hog, segicl[:<checkpoint dir>] "
                              "(default: the store's default, see docs/retrieval.md)")
+    parser.add_argument("--calibration", choices=["none", "auto"], default=None,
+                        help="SegICL: choose each task's path (defaults / without the blend / zero-shot) on its labelled "
+                             "train items, leave-one-out (default: the checkpoint's calibration.mode)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -122,7 +125,7 @@ def main(args: argparse.Namespace) -> int:
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
     eval_config = load_eval_config(args.config)
-    for key in ("matching", "dense_condition", "fine", "blend", "postprocess"):  # SegICL settings overridden for this run
+    for key in ("matching", "dense_condition", "fine", "blend", "postprocess", "calibration"):  # SegICL settings overridden for this run
         if getattr(args, key) is not None:
             eval_config["segicl"] = {**(eval_config.get("segicl") or {}), key: getattr(args, key)}
     cfg = SuiteConfig(
@@ -167,7 +170,8 @@ def _describe(args: argparse.Namespace) -> str:
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
                         ("--embedder", args.embedder),
                         ("--matching", args.matching), ("--dense-condition", args.dense_condition), ("--fine", args.fine),
-                        ("--blend", args.blend), ("--postprocess", args.postprocess)):
+                        ("--blend", args.blend), ("--postprocess", args.postprocess),
+                        ("--calibration", args.calibration)):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -99,21 +99,56 @@ class SegICLMethod(Method):
         self.steps = steps
         self.samples = samples
         self.name = name
+        self.task: tuple[SegDataset, int, str] | None = None
+        self.decisions: dict[tuple[str, int, int], Any] = {}  # (dataset, label, k) -> calibrate.Decision
 
-    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
-        import torch
+    def prepare(self, dataset: SegDataset, label_value: int, split: str = "train") -> None:
+        self.task = (dataset, int(label_value), split)
 
-        kwargs: dict[str, Any] = {"generator": torch.Generator().manual_seed(int(seed))}
+    def _kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {}
         if self.steps is not None:
             kwargs["num_inference_steps"] = int(self.steps)
         if self.samples is not None:
             kwargs["num_samples"] = int(self.samples)
-        out = self.pipe(
-            images=[query.image],
-            text=[text],
-            supports=[[(s.image, s.mask) for s in supports]],
-            **kwargs,
-        )
+        return kwargs
+
+    def path_for(self, k: int, text: str) -> str:
+        """The calibrated candidate of the current task at ``k`` supports (``calibration.mode = auto``): decided
+        once per task and k on labelled train items, each with k random train supports of other groups."""
+        from segicl import calibrate
+
+        cal = self.pipe.config.calibration
+        if cal.mode != "auto" or not k or self.task is None:
+            return "default"
+        ds, label, split = self.task
+        key = (ds.name, label, k)
+        if key not in self.decisions:
+            rng = np.random.default_rng(derive_seed(0, "calibration", ds.name, label, k))
+            stems = ds.stems(split)
+            examples = []
+            for i in rng.permutation(len(stems)):
+                group = ds.group(stems[i])
+                others = [s for s in stems if ds.group(s) != group]
+                if len(others) < k:
+                    continue
+                sup = [ds.sample(others[j], label) for j in rng.permutation(len(others))[:k]]
+                item = ds.sample(stems[i], label)
+                examples.append((item.image, item.mask, [(s.image, s.mask) for s in sup]))
+                if len(examples) == cal.examples:
+                    break
+            self.decisions[key] = calibrate.choose(self.pipe, examples, text, seed=derive_seed(0, "calibration-noise"),
+                                                   **self._kwargs())
+        return self.decisions[key].path
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        import torch
+
+        from segicl import calibrate
+
+        path = self.path_for(len(supports), text)
+        out = calibrate.segment(self.pipe, path, [query.image], [text], [[(s.image, s.mask) for s in supports]],
+                                generator=torch.Generator().manual_seed(int(seed)), **self._kwargs())
         prob = np.asarray(out.probabilities[0], dtype=np.float32)
         pp = getattr(out, "postprocess", None)
         if pp and any(pp[0].values()):  # the mask was post-processed: the probability is clipped to agree with it
@@ -371,6 +406,9 @@ def build_method(
         if scfg.get("postprocess") is not None:  # override postprocess.mode ("none" / "auto")
             pipe.set_postprocess(mode=scfg["postprocess"])
             desc += f" (postprocess.mode = {scfg['postprocess']})"
+        if scfg.get("calibration") is not None:  # override calibration.mode ("none" / "auto")
+            pipe.set_calibration(mode=scfg["calibration"])
+            desc += f" (calibration.mode = {scfg['calibration']})"
         method = SegICLMethod(pipe, steps if steps is not None else scfg.get("steps"),
                               samples if samples is not None else scfg.get("samples"), name=spec.strip())
         return method, {spec: desc}

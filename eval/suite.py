@@ -590,6 +590,8 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
         "eval_config": cfg.config,
         "checkpoint_sha256": _checkpoint_hashes(cfg),
         "methods": runner.provenance,
+        "calibration": {spec: {f"{d}/{lab}/k{k}": dec.to_dict() for (d, lab, k), dec in m.decisions.items()}
+                        for spec, m in runner.methods.items() if getattr(m, "decisions", None)},
         "versions": _versions(),
         "rows": len(runner.rows),
         "errors": sum(1 for r in runner.rows if r["error"]),

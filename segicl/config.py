@@ -211,6 +211,28 @@ class PostprocessConfig:
 
 
 @dataclass
+class CalibrationConfig:
+    """The path chosen per task by the task's own labelled examples, leave-one-out (segicl/calibrate.py)."""
+
+    mode: str = "none"  # "none" | "auto": each candidate segments up to `examples` labelled examples of the
+    #   task from the others; the best mean Dice wins, the default path unless another beats it by `margin`
+    examples: int = 6
+    margin: float = 0.02
+    candidates: list[str] = field(default_factory=lambda: ["default", "no_blend", "zero_shot"])
+
+    def validate(self) -> None:
+        from segicl.calibrate import CANDIDATES
+
+        if self.mode not in ("none", "auto"):
+            raise ValueError(f"calibration.mode must be 'none' or 'auto', not {self.mode!r}")
+        if self.examples < 2 or not 0 <= self.margin < 1:
+            raise ValueError(f"calibration.examples must be >= 2 and margin in [0, 1), not {self.examples} / {self.margin}")
+        bad = [c for c in self.candidates if c not in CANDIDATES]
+        if bad or "default" not in self.candidates:
+            raise ValueError(f"calibration.candidates must include 'default' and come from {sorted(CANDIDATES)}, not {bad}")
+
+
+@dataclass
 class SegICLConfig:
     name: str = "tiny"
     image_size: int = 64
@@ -225,6 +247,7 @@ class SegICLConfig:
     matching: MatchingConfig = field(default_factory=MatchingConfig)
     fine: FineConfig = field(default_factory=FineConfig)
     postprocess: PostprocessConfig = field(default_factory=PostprocessConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -257,6 +280,7 @@ class SegICLConfig:
         self.matching.validate(self.image_size, active=self.matching.mode == "route")
         self.fine.validate()
         self.postprocess.validate()
+        self.calibration.validate()
         if self.decoder.space not in ("pixel", "latent"):
             raise ValueError(f"decoder.space must be 'pixel' or 'latent', not {self.decoder.space!r}")
         if self.scheduler.prediction_type not in ("epsilon", "sample", "v_prediction"):
@@ -286,7 +310,8 @@ class SegICLConfig:
         d = copy.deepcopy(dict(d))
         parts = {"vision": VisionConfig, "lm": LMConfig, "condition": ConditionConfig, "decoder": DecoderConfig,
                  "scheduler": SchedulerConfig, "matching": MatchingConfig,
-                 "fine": FineConfig, "postprocess": PostprocessConfig}
+                 "fine": FineConfig, "postprocess": PostprocessConfig,
+                 "calibration": CalibrationConfig}
         kwargs: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known

@@ -167,6 +167,11 @@ class SegICLPipeline:
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"fine": fields}))
         return self
 
+    def set_calibration(self, **fields: Any) -> SegICLPipeline:
+        """Change ``config.calibration`` fields (e.g. ``mode="auto"``), validated like a loaded config."""
+        self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"calibration": fields}))
+        return self
+
     def set_postprocess(self, **fields: Any) -> SegICLPipeline:
         """Change ``config.postprocess`` fields (e.g. ``mode="none"``), validated like a loaded config."""
         self.config = SegICLConfig.from_dict(merge_overrides(self.config.to_dict(), {"postprocess": fields}))
