@@ -9,6 +9,9 @@ Examples::
 The direction follows the source: an nnU-Net raw folder (dataset.json with channel_names, imagesTr/)
 becomes a 2D-layout folder, a 2D-layout folder (images/, masks/) an nnU-Net raw folder. Outputs are
 written to a temporary folder and renamed into place, so a failed conversion leaves nothing behind.
+
+A module of its own, not ``segicl/data/``: that package imports torch, and registering a subcommand
+must stay light (``segicl --help``).
 """
 
 from __future__ import annotations
