@@ -46,6 +46,10 @@ measured against the thresholded prediction and the ground truth by :func:`uncer
 
 A method without uncertainty (None) or with an all-zero map (SegICL with one sample) gets None for
 both: nothing was measured, which differs from NaN (measured but undefined).
+
+Volumes: :func:`volume_metrics` gives 3D Dice, HD95 and NSD of (X, Y, Z) masks in millimetres,
+computed by MONAI itself (``compute_hausdorff_distance``, ``compute_surface_dice`` with ``spacing``:
+3D boundaries by erosion with the 6-connected cross), with the same empty policy as above.
 """
 
 from __future__ import annotations
@@ -67,6 +71,12 @@ UNCERTAINTY_METRICS = ("unc_mean", "unc_auroc")
 
 DEFAULT_NSD_TOLERANCE = 2.0
 """NSD tolerance in pixels (at the stored resolution) when none is given."""
+
+DEFAULT_NSD_TOLERANCE_MM = 2.0
+"""3D NSD tolerance in millimetres (:func:`volume_metrics`) when none is given."""
+
+VOLUME_METRICS = ("dice", "hd95_mm", "nsd_mm")
+"""Names of the metrics :func:`volume_metrics` returns."""
 
 Spacing = float | Sequence[float] | None
 
@@ -236,6 +246,56 @@ def compute_metrics(
         "hd95": hd95(p, t, spacing),
         "nsd": nsd(p, t, nsd_tolerance, spacing),
     }
+
+
+# ---------------------------------------------------------------------------------------- volumes
+def volume_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    spacing: Sequence[float],
+    nsd_tolerance: float = DEFAULT_NSD_TOLERANCE_MM,
+) -> dict[str, float]:
+    """3D Dice, HD95 and NSD of one volume pair, distances in millimetres (MONAI's definitions).
+
+    Args:
+        pred: (X, Y, Z) binary prediction.
+        target: (X, Y, Z) binary ground truth on the same voxel grid.
+        spacing: voxel size in mm along each axis, e.g. ``Volume.spacing``.
+        nsd_tolerance: accepted boundary deviation in mm.
+
+    Returns:
+        ``{"dice", "hd95_mm", "nsd_mm"}``: NaN where undefined (the module's empty policy: HD95 NaN
+        when either mask is empty, NSD NaN when both are and 0 when one is).
+    """
+    import torch
+    from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+
+    p, t = np.asarray(pred), np.asarray(target)
+    if p.ndim != 3 or p.shape != t.shape:
+        raise ValueError(f"pred and target must be 3-D masks of one shape, got {p.shape} and {t.shape}")
+    for arr, name in ((p, "pred"), (t, "target")):
+        if arr.dtype != bool and (arr.dtype.kind not in "biuf" or not np.isin(arr, (0, 1)).all()):
+            raise ValueError(f"{name} must be binary (bool or values in {{0, 1}})")
+    p, t = p.astype(bool), t.astype(bool)
+    sp = np.asarray(spacing, dtype=np.float64)
+    if sp.shape != (3,) or not np.all(np.isfinite(sp)) or np.any(sp <= 0):
+        raise ValueError(f"spacing must be three finite positive numbers (mm), got {spacing!r}")
+    if not math.isfinite(nsd_tolerance) or nsd_tolerance < 0:
+        raise ValueError(f"nsd_tolerance must be finite and >= 0, got {nsd_tolerance}")
+    n_p, n_t = int(p.sum()), int(t.sum())
+    out = {"dice": 1.0 if n_p + n_t == 0 else 2.0 * int((p & t).sum()) / (n_p + n_t)}
+    if n_p == 0 or n_t == 0:
+        return {**out, "hd95_mm": math.nan, "nsd_mm": math.nan if n_p == n_t else 0.0}
+
+    def onehot(m: np.ndarray) -> torch.Tensor:  # (1, 2, X, Y, Z): background, foreground
+        x = torch.from_numpy(m)
+        return torch.stack([~x, x])[None].float()
+
+    yp, y = onehot(p), onehot(t)
+    spacing_list = sp.tolist()
+    hd = compute_hausdorff_distance(yp, y, include_background=False, percentile=95, spacing=spacing_list)
+    sd = compute_surface_dice(yp, y, [float(nsd_tolerance)], include_background=False, spacing=spacing_list)
+    return {**out, "hd95_mm": float(hd.reshape(-1)[0]), "nsd_mm": float(sd.reshape(-1)[0])}
 
 
 # ---------------------------------------------------------------------------------- uncertainty

@@ -10,6 +10,7 @@ Examples::
     segicl segment --image a.jpg --out seg/ --support s1.jpg:s1.png --support s2.jpg:s2.png \\
         --text "Segment the polyp in this endoscopy image."
     segicl segment --image a.jpg --out seg/          # zero-shot (k = 0)
+    segicl segment --image ct.nii.gz --support atlas.nii.gz:atlas_labels.nii.gz --label 2 --window abdomen --out seg/
 
 ``segment`` writes per query ``<stem>.png`` (0/255 mask at the input's resolution),
 ``<stem>_prob.png`` (probability x 255), ``<stem>_overlay.png`` (the image with the mask outline
@@ -141,11 +142,18 @@ def register_segment(subparsers: argparse._SubParsersAction) -> None:
   segicl segment --image a.jpg --out seg/ --support s1.jpg:s1.png --support s2.jpg:s2.png \\
       --text "Segment the polyp in this endoscopy image."
   segicl segment --image a.jpg --out seg/          # zero-shot (k = 0)
+  segicl segment --image ct.nii.gz --support atlas.nii.gz:atlas_labels.nii.gz --label 2 --window abdomen --out seg/
 
 writes per query <stem>.png (0/255 mask at the input's resolution), <stem>_prob.png (probability x 255),
 <stem>_overlay.png (the mask outline over the image, the supports used below), and segment.json (the
-settings used, the path that made each mask, the supports with their scores).""")
-    p.add_argument("--image", action="append", type=Path, required=True, metavar="PATH", help="query image (repeat)")
+settings used, the path that made each mask, the supports with their scores). A volume gets
+<stem>_mask.nii.gz (on its voxel grid, its affine and header), <stem>_uncertainty.nii.gz, <stem>_overlay.png
+and a row of volumes.csv; see docs/volumes.md.""")
+    p.add_argument("--image", action="append", type=Path, default=[], metavar="PATH",
+                   help="query image (repeat); a volume (.nii, .nii.gz, .mha, .mhd, .nrrd, a DICOM series folder) is "
+                        "segmented slice by slice (retrieval/volume_segment.py)")
+    p.add_argument("--images", action="append", default=[], metavar="DIR|GLOB",
+                   help="volumes: every volume file and DICOM series sub-folder of DIR, or a quoted glob (repeat)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created if missing)")
     p.add_argument("--text", default=None, help="instruction, e.g. 'Segment the polyp in this endoscopy image.'")
     p.add_argument("--support", action="append", default=[], metavar="IMG:MASK",
@@ -159,6 +167,13 @@ settings used, the path that made each mask, the supports with their scores)."""
     p.add_argument("--samples", type=int, default=None, help="diffusion samples for the uncertainty (default: the checkpoint's)")
     p.add_argument("--seed", type=int, default=0, help="seed of the diffusion noise (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    v = p.add_argument_group("volumes")
+    v.add_argument("--window", default=None, metavar="NAME|L,W",
+                   help="intensity window to 8 bits: a CT preset (abdomen, liver, mediastinum, lung, bone, brain), "
+                        "LEVEL,WIDTH in HU, or percentile (default: 0.5-99.5 percentiles of the volume; MRI)")
+    v.add_argument("--axis", default=None, help="slice along: auto (the lowest-resolution axis, default), axial, "
+                                                "coronal, sagittal, or a data axis 0-2")
+    v.add_argument("--resume", action="store_true", help="skip volumes whose outputs already exist in --out")
     p.set_defaults(func=segment)
 
 
@@ -298,8 +313,14 @@ def segment(args: argparse.Namespace) -> int:
 
     from retrieval.index import atomic_write_bytes
     from retrieval.store import StoreError, SupportStore
+    from retrieval.volume_segment import segment_volumes, uses_volumes
     from segicl.data import DataError
 
+    if uses_volumes(args):
+        return segment_volumes(args, lambda checkpoint: load_pipeline(checkpoint))
+    if not args.image:
+        print("segicl segment: no query: pass --image PATH (or --images DIR|GLOB for volumes)", file=sys.stderr)
+        return 1
     for p in args.image:
         if not p.is_file():
             print(f"segicl segment: {p}: image not found", file=sys.stderr)
@@ -335,27 +356,7 @@ def segment(args: argparse.Namespace) -> int:
         return 1
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.image)
-    from segicl import __version__
-
-    cfg = getattr(pipe, "config", None)
-    sched = getattr(cfg, "scheduler", None)
-    if args.checkpoint is None:
-        from segicl.pipeline import default_checkpoint
-
-        checkpoint = str(default_checkpoint())
-    else:
-        checkpoint = str(Path(args.checkpoint).resolve())
-    # the values used, not the options given (None = the checkpoint's default)
-    report: dict[str, Any] = {
-        "segicl_version": __version__, "checkpoint": checkpoint,
-        "store": str(args.store) if args.store else None, "k": args.k if store is not None else len(given),
-        "label": args.label, "seed": args.seed,
-        "steps": args.steps or getattr(sched, "num_inference_steps", None),
-        "samples": args.samples or getattr(sched, "num_samples", None),
-        "matching": getattr(getattr(cfg, "matching", None), "mode", None),
-        "fine": getattr(getattr(cfg, "fine", None), "mode", None),
-        "postprocess": getattr(getattr(cfg, "postprocess", None), "mode", None),
-        "queries": []}
+    report = settings_report(args, pipe, args.k if store is not None else len(given))
     t_start = time.perf_counter()
     bar = None
     if not args.no_progress and len(args.image) > 1:
@@ -411,6 +412,30 @@ def segment(args: argparse.Namespace) -> int:
     atomic_write_bytes(args.out / "segment.json", (json.dumps(report, indent=1) + "\n").encode())
     print(f"{args.out}: {len(args.image)} mask(s) written, segment.json lists the supports used")
     return 0
+
+
+def settings_report(args: argparse.Namespace, pipe: Any, k: int) -> dict[str, Any]:
+    """The head of segment.json: the values used, not the options given (None = the checkpoint's default)."""
+    from segicl import __version__
+
+    cfg = getattr(pipe, "config", None)
+    sched = getattr(cfg, "scheduler", None)
+    if args.checkpoint is None:
+        from segicl.pipeline import default_checkpoint
+
+        checkpoint = str(default_checkpoint())
+    else:
+        checkpoint = str(Path(args.checkpoint).resolve())
+    return {
+        "segicl_version": __version__, "checkpoint": checkpoint,
+        "store": str(args.store) if args.store else None, "k": k,
+        "label": args.label, "seed": args.seed,
+        "steps": args.steps or getattr(sched, "num_inference_steps", None),
+        "samples": args.samples or getattr(sched, "num_samples", None),
+        "matching": getattr(getattr(cfg, "matching", None), "mode", None),
+        "fine": getattr(getattr(cfg, "fine", None), "mode", None),
+        "postprocess": getattr(getattr(cfg, "postprocess", None), "mode", None),
+        "queries": []}
 
 
 def _same_file_stems(store, path: Path) -> list[str]:

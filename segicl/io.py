@@ -1,4 +1,4 @@
-"""Atomic writes of checkpoint folders (pipeline, VLSM models, support stores).
+"""Atomic writes of checkpoint folders (pipeline, VLSM models, support stores) and of single files.
 
 :func:`atomic_directory` yields a fresh temporary folder beside the target; the caller writes every
 file into it; on success the folder is fsynced and swapped in with ``os.replace`` (an existing target
@@ -54,3 +54,24 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Write one file atomically: yields a temporary path beside ``path`` (same suffixes, so writers
+    that pick the format from the name, such as ``nibabel.save``, behave alike); on success it is
+    fsynced and moved onto ``path`` with ``os.replace``; on any error it is removed and ``path`` is
+    untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix="".join(path.suffixes), dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
