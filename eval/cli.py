@@ -76,6 +76,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="eval config YAML (default configs/eval/default.yaml): U-Net budgets, NSD tolerance, ...")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an earlier run in --out (refused by default)")
     return parser
 
 
@@ -147,16 +149,52 @@ def main(args: argparse.Namespace) -> int:
         command="segicl evaluate " + _describe(args),
         progress=not args.no_progress,
     )
+    from segicl.data import DataError
+
     try:
         cfg.validate()
         if args.loo:
             cfg.checkpoints = loo_checkpoints(cfg, args.checkpoints)
-    except (ValueError, FileNotFoundError) as exc:
+        _check_out(args.out, args.overwrite)
+        _check_data(cfg.data, cfg.split, cfg.limit)
+    except (ValueError, FileNotFoundError) as exc:  # DataError is a ValueError
         raise SystemExit(f"segicl evaluate: {exc}") from exc
-    paths = run_suite(cfg)
+    try:
+        paths = run_suite(cfg)
+    except DataError as exc:  # a file changed after the check
+        raise SystemExit(f"segicl evaluate: {exc} (results.csv in {args.out} holds the rows measured before)") from exc
     for name, path in paths.items():
         print(f"{name:>12}: {path}")
     return 0
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an --out that is not a writable folder or that holds an earlier run's results."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a folder")
+    earlier = [n for n in ("results.csv", "run.json", "summary.csv") if (out / n).exists()]
+    if earlier and not overwrite:
+        raise ValueError(f"{out}: holds the results of an earlier run ({earlier[0]}); pass --overwrite or choose another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{out}: cannot write there ({parent} is not a writable folder)")
+
+
+def _check_data(dirs: Sequence[Path], split: str, limit: int | None) -> None:
+    """Decode every image and mask the run can read (the queries and the train split) before any work,
+    so a bad file stops the run with its name before the output folder exists."""
+    from segicl.data import load_dataset, open_image
+
+    for d in dirs:
+        ds = load_dataset(d)
+        stems = ds.stems(split)[:limit] + (ds.stems("train") if "train" in ds.splits and split != "train" else [])
+        for stem in stems:
+            ds.read_label_map(stem)
+            open_image(ds.image_path(stem))
 
 
 def _describe(args: argparse.Namespace) -> str:

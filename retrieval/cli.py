@@ -82,9 +82,12 @@ def index_build(args: argparse.Namespace) -> int:
     from retrieval.store import StoreError, SupportStore
     from segicl.data import DataError
 
-    dirs = expand_data(args.data)
     t0 = time.perf_counter()
     try:
+        dirs = expand_data(args.data)
+        if not args.add and (args.out / "manifest.json").is_file():
+            print(f"segicl index build: {args.out}: replacing the existing store (--add adds to it instead)",
+                  file=sys.stderr)
         if args.add and (args.out / "manifest.json").is_file():
             store = SupportStore.load(args.out)
             if args.embedder and store.embedder.spec != args.embedder:
@@ -97,6 +100,9 @@ def index_build(args: argparse.Namespace) -> int:
         store.save(args.out)
     except (StoreError, DataError, ValueError) as exc:
         print(f"segicl index build: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. a read-only --out
+        print(f"segicl index build: {exc.filename or args.out}: cannot write the store ({exc.strerror})", file=sys.stderr)
         return 1
     dt = time.perf_counter() - t0
     print(f"{args.out}: {len(store)} supports ({added} added) from {len(dirs)} dataset(s), embedder "
@@ -155,6 +161,8 @@ and a row of volumes.csv; see docs/volumes.md.""")
     p.add_argument("--images", action="append", default=[], metavar="DIR|GLOB",
                    help="volumes: every volume file and DICOM series sub-folder of DIR, or a quoted glob (repeat)")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output folder (created if missing)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the outputs of an earlier run in --out (refused by default)")
     p.add_argument("--text", default=None, help="instruction, e.g. 'Segment the polyp in this endoscopy image.'")
     p.add_argument("--support", action="append", default=[], metavar="IMG:MASK",
                    help="a support pair (repeat); the mask is binarised as > 0, or == the --label value")
@@ -184,15 +192,35 @@ def load_pipeline(checkpoint: str | None):
     return SegICLPipeline.from_pretrained(checkpoint or default_checkpoint())
 
 
-def _read_mask(path: Path, label: str | None) -> np.ndarray:
-    from segicl.data import open_image
+def _read_mask(path: Path, label: str | None, image_path: Path | None = None, size: tuple[int, int] | None = None) -> np.ndarray:
+    """A support mask as bool (H, W). Colour masks are refused (a swapped IMG:MASK looks like one); grey
+    RGB, several foreground values and empty masks are used with a one-line note on stderr."""
+    from segicl.data import DataError, open_image
 
     arr = np.asarray(open_image(path))
+    if size is not None and arr.shape[:2] != (size[1], size[0]):
+        raise DataError(f"{path}: mask size {arr.shape[1]}x{arr.shape[0]} differs from {image_path} size {size[0]}x{size[1]}")
     if arr.ndim == 3:
-        arr = arr[..., 0] if arr.shape[-1] in (1, 2) else np.asarray(open_image(path, mode="L"))
+        if arr.shape[-1] >= 3:
+            if not (np.array_equal(arr[..., 0], arr[..., 1]) and np.array_equal(arr[..., 0], arr[..., 2])):
+                raise DataError(f"{path}: colour mask (R, G, B differ: an image given as the mask?); "
+                                "expected a greyscale or label mask")
+            print(f"segicl segment: {path}: RGB mask with equal channels, read as greyscale", file=sys.stderr)
+        arr = arr[..., 0]
     if label is not None and str(label).isdigit():
-        return arr == int(label)
-    return arr > 0
+        mask = arr == int(label)
+    else:
+        values = np.unique(arr[arr > 0])
+        if len(values) > 1:
+            shown = ", ".join(str(v) for v in values[:4]) + (", ..." if len(values) > 4 else "")
+            print(f"segicl segment: {path}: mask holds {len(values)} non-zero values ({shown}); all are the "
+                  "foreground (pass --label VALUE to pick one)", file=sys.stderr)
+        mask = arr > 0
+    if not mask.any():
+        print(f"segicl segment: {path}: empty mask (no foreground pixel"
+              + (f" == {label}" if label is not None and str(label).isdigit() else "")
+              + "): this support shows only background", file=sys.stderr)
+    return mask
 
 
 def _read_image(path: Path):
@@ -208,10 +236,8 @@ def _given_supports(specs: list[str], label: str | None) -> list[dict[str, Any]]
         img_s, sep, mask_s = spec.rpartition(":")
         if not sep or not img_s or not mask_s:
             raise SystemExit(f"segicl segment: --support {spec!r}: expected IMG:MASK")
-        img, mask = _read_image(Path(img_s)), _read_mask(Path(mask_s), label)
-        if mask.shape != (img.size[1], img.size[0]):
-            raise SystemExit(f"segicl segment: {mask_s}: mask size {mask.shape[1]}x{mask.shape[0]} differs from "
-                             f"{img_s} size {img.size[0]}x{img.size[1]}")
+        img = _read_image(Path(img_s))
+        mask = _read_mask(Path(mask_s), label, Path(img_s), img.size)
         out.append({"image": img, "mask": mask, "source": "given", "image_path": img_s, "mask_path": mask_s, "score": None})
     return out
 
@@ -311,6 +337,7 @@ def segment(args: argparse.Namespace) -> int:
     import torch
     from PIL import Image
 
+    from retrieval.embedders import EmbedderError
     from retrieval.index import atomic_write_bytes
     from retrieval.store import StoreError, SupportStore
     from retrieval.volume_segment import segment_volumes, uses_volumes
@@ -321,10 +348,19 @@ def segment(args: argparse.Namespace) -> int:
     if not args.image:
         print("segicl segment: no query: pass --image PATH (or --images DIR|GLOB for volumes)", file=sys.stderr)
         return 1
+    if args.k < 0:
+        print(f"segicl segment: --k {args.k}: the number of retrieved supports must be >= 0", file=sys.stderr)
+        return 1
     for p in args.image:
         if not p.is_file():
             print(f"segicl segment: {p}: image not found", file=sys.stderr)
             return 1
+    stems = _unique_stems(args.image)
+    problem = _out_problem(args.out, [f"{s}{x}.png" for s in stems for x in ("", "_prob", "_overlay")] + ["segment.json"],
+                           args.overwrite)
+    if problem:
+        print(f"segicl segment: {problem}", file=sys.stderr)
+        return 1
     try:  # every input read before the model loads and before the output folder exists
         for p in args.image:
             _read_image(p)
@@ -347,15 +383,30 @@ def segment(args: argparse.Namespace) -> int:
         except StoreError as exc:
             print(f"segicl segment: {exc}", file=sys.stderr)
             return 1
-    pipe = load_pipeline(args.checkpoint)
+        try:
+            store.embedder  # noqa: B018 - resolves the stored embedder now: a changed one is refused before any work
+        except (StoreError, EmbedderError) as exc:
+            print(f"segicl segment: {args.store}: {exc}", file=sys.stderr)
+            return 1
+        if args.k > len(store):
+            print(f"segicl segment: --k {args.k} but {args.store} holds {len(store)} supports; using at most "
+                  f"{len(store)} per query", file=sys.stderr)
+    try:
+        pipe = load_pipeline(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:  # missing, truncated or modified checkpoint files
+        print(f"segicl segment: {exc}", file=sys.stderr)
+        return 1
     k_max = getattr(getattr(pipe, "config", None), "k_max", None)
     n_sup = len(given) + (args.k if store is not None else 0)
     if k_max is not None and n_sup > k_max:
         print(f"segicl segment: {n_sup} supports per query ({len(given)} given + k={args.k if store else 0}) but the "
               f"model takes at most k_max={k_max}", file=sys.stderr)
         return 1
-    args.out.mkdir(parents=True, exist_ok=True)
-    stems = _unique_stems(args.image)
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"segicl segment: {args.out}: cannot create the output folder ({exc.strerror})", file=sys.stderr)
+        return 1
     report = settings_report(args, pipe, args.k if store is not None else len(given))
     t_start = time.perf_counter()
     bar = None
@@ -370,7 +421,7 @@ def segment(args: argparse.Namespace) -> int:
         if store is not None and args.k > 0:
             hits = store.search(image, k=args.k, dataset=args.dataset, label=args.label,
                                 exclude_stems=_same_file_stems(store, path))
-            if len(hits) < args.k:
+            if len(hits) < min(args.k, len(store)):
                 print(f"segicl segment: {path}: only {len(hits)} of {args.k} supports pass the filters", file=sys.stderr)
             for h in hits:
                 if h.label_value is None:
@@ -436,6 +487,26 @@ def settings_report(args: argparse.Namespace, pipe: Any, k: int) -> dict[str, An
         "fine": getattr(getattr(cfg, "fine", None), "mode", None),
         "postprocess": getattr(getattr(cfg, "postprocess", None), "mode", None),
         "queries": []}
+
+
+def _out_problem(out: Path, names: list[str], overwrite: bool) -> str | None:
+    """Why ``out`` cannot take this run's outputs (None when it can): not a folder, not writable, or
+    holding files of an earlier run that would be replaced (allowed with ``--overwrite``)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        return f"{out}: exists and is not a folder"
+    if out.is_dir():
+        clash = [n for n in names if (out / n).exists()]
+        if clash and not overwrite:
+            return (f"{out}: holds the outputs of an earlier run ({', '.join(clash[:2])}"
+                    f"{', ...' if len(clash) > 2 else ''}); pass --overwrite or choose another --out")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"{out}: cannot write there ({parent} is not a writable folder)"
+    return None
 
 
 def _same_file_stems(store, path: Path) -> list[str]:

@@ -4,7 +4,8 @@
 file into it; on success the folder is fsynced and swapped in with ``os.replace`` (an existing target
 is first moved aside and removed only after the swap), so a reader never sees a half-written
 checkpoint and an interrupted save leaves the previous one intact. On any error the temporary folder
-is removed and the target is untouched.
+is removed and the target is untouched. A save that was killed leaves only a hidden ``.<name>.*.tmp``
+folder, which no reader opens and the next successful save of the same target removes.
 
     with atomic_directory("runs/model") as tmp:
         (tmp / "config.json").write_text(...)
@@ -15,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -34,11 +36,23 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
+def _remove_stale(path: Path, before: float) -> None:
+    """Remove the temporary / old folders of ``path`` that earlier, killed saves left (older than ``before``)."""
+    for p in path.parent.glob(f".{path.name}.*"):
+        if p.suffix in (".tmp", ".old") and p.is_dir():
+            try:
+                if p.stat().st_mtime < before:
+                    shutil.rmtree(p, ignore_errors=True)
+            except OSError:
+                pass
+
+
 @contextmanager
 def atomic_directory(path: str | Path) -> Iterator[Path]:
     """Write a folder atomically: yields a temporary folder, swapped in for ``path`` on success."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
@@ -51,6 +65,7 @@ def atomic_directory(path: str | Path) -> Iterator[Path]:
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
+        _remove_stale(path, started)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

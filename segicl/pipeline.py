@@ -216,9 +216,13 @@ class SegICLPipeline:
         manifest_path = path / "manifest.json"
         if not manifest_path.is_file():
             raise FileNotFoundError(f"{manifest_path}: missing (not a SegICL checkpoint, or an interrupted save)")
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            files = dict(manifest.get("files", {}))
+        except (UnicodeDecodeError, ValueError, AttributeError, TypeError) as exc:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{manifest_path}: not a valid checkpoint manifest ({exc})") from None
         if verify:
-            for name, digest in manifest.get("files", {}).items():
+            for name, digest in files.items():
                 f = path / name
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: listed in manifest.json but missing")
@@ -238,6 +242,8 @@ class SegICLPipeline:
         pipe = cls(encoder, condition_encoder, decoder, scheduler, cfg, route_decoder=route)
         for name, module in pipe.modules().items():
             f = path / f"{name}.safetensors"
+            if verify and f.name not in files:
+                raise ValueError(f"{f}: not listed in manifest.json (unverified weights are never loaded)")
             try:
                 state = load_file(str(f))
             except Exception as e:  # safetensors raises its own error types

@@ -43,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> 
                         help="datasets to leave out (leave-one-dataset-out), e.g. kvasir_seg,cvc_clinicdb")
     parser.add_argument("--out", type=Path, default=None, help="run folder (default: runs/<stage>/<config name>)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a run folder that holds an earlier run (deletes its checkpoints/, model/, log.csv)")
     parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides train.steps / epochs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, dotted, value parsed as YAML (repeatable): --set train.lr=3e-4")
@@ -199,15 +201,33 @@ def main(args: argparse.Namespace) -> int:
 
     import yaml
 
-    from training.loop import LoopConfig, train
+    from segicl.data import DataError
+    from training.loop import CheckpointError, LoopConfig, list_checkpoints, train
 
     config, data_dirs, exclude, out = resolve(args)
     loop_cfg = LoopConfig.from_dict(config["train"])  # fail on a bad train block before building the model
-    task, train_set, val_fn = build_task(args.stage, config, data_dirs, exclude)
+    earlier = [p for p in (*list_checkpoints(out)[-1:], out / "model") if p.exists()]
+    if earlier and not args.resume:
+        if not getattr(args, "overwrite", False):
+            raise SystemExit(f"segicl train {args.stage}: {out}: holds an earlier run ({earlier[0].relative_to(out)}); "
+                             "pass --resume to continue it or --overwrite to start over")
+    try:
+        task, train_set, val_fn = build_task(args.stage, config, data_dirs, exclude)
+    except DataError as exc:
+        raise SystemExit(f"segicl train {args.stage}: {exc}") from None
+    if earlier and not args.resume:  # --overwrite: the earlier run goes only once the new one is ready to start
+        import shutil
+
+        for name in ("checkpoints", "model", "log.csv", "tb"):
+            p = out / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump({"stage": args.stage, "data_dirs": [str(d) for d in data_dirs], **config},
                                                     sort_keys=False))
-    result = train(task, train_set, val_fn, loop_cfg, resume=bool(args.resume))
+    try:
+        result = train(task, train_set, val_fn, loop_cfg, resume=bool(args.resume))
+    except CheckpointError as exc:
+        raise SystemExit(f"segicl train {args.stage}: {exc}") from None
     summary = {k: result[k] for k in ("step", "epoch", "stopped_early", "out_of_time", "model_dir", "steps_per_s")}
     summary["val"] = {k: round(v, 4) for k, v in result["val"].items() if "/" not in k}
     print(json.dumps(summary, default=str))

@@ -230,6 +230,60 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return ckpts[-1] if ckpts else None
 
 
+CHECKSUMS = "checksums.json"
+
+
+class CheckpointError(ValueError):
+    """A training checkpoint is truncated or modified. The message names the file."""
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def write_checksums(ckpt: Path) -> None:
+    """``checksums.json``: sha256 of every file of a checkpoint folder (checked before a resume reads it)."""
+    sums = {str(f.relative_to(ckpt)): _sha256(f) for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
+    (ckpt / CHECKSUMS).write_text(json.dumps(sums, indent=1))
+
+
+def verify_checksums(ckpt: Path) -> None:
+    """Raise :class:`CheckpointError` when a file of ``ckpt`` is missing or differs from ``checksums.json``
+    (checkpoints written before checksums existed are not checked)."""
+    f = ckpt / CHECKSUMS
+    if not f.is_file():
+        return
+    try:
+        sums = json.loads(f.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{f}: unreadable ({exc}); delete {ckpt} to resume from the previous checkpoint") from None
+    for name, digest in sums.items():
+        p = ckpt / name
+        if not p.is_file() or _sha256(p) != digest:
+            raise CheckpointError(f"{p}: {'missing' if not p.is_file() else 'checksum differs'} (truncated or modified "
+                                  f"checkpoint); delete {ckpt} to resume from the previous one")
+
+
+def _load_state_weights_only(acc, ckpt: Path) -> None:
+    """``acc.load_state`` with every pickle read by ``torch.load(weights_only=True)`` (accelerate reads
+    the registered custom states with weights_only=False; ours are plain dicts of numbers)."""
+    from unittest import mock
+
+    import accelerate.accelerator as acc_mod
+
+    def load_custom_state(obj, path, index=0):
+        obj.load_state_dict(torch.load(f"{path}/custom_checkpoint_{index}.pkl", map_location="cpu", weights_only=True))
+
+    if hasattr(acc_mod, "load_custom_state"):
+        with mock.patch.object(acc_mod, "load_custom_state", load_custom_state):
+            acc.load_state(str(ckpt))
+    else:
+        acc.load_state(str(ckpt))
+
+
 def _replace_dir(tmp: Path, final: Path) -> None:
     """Rename ``tmp`` to ``final`` atomically; an existing ``final`` is moved aside first."""
     if final.exists():
@@ -449,7 +503,8 @@ def train(
     if resume:
         last = latest_checkpoint(out_dir)
         if last is not None:
-            acc.load_state(str(last))
+            verify_checksums(last)
+            _load_state_weights_only(acc, last)
             resumed_from = last
             acc.print(f"resumed from {last} (step {state.step}, epoch {state.epoch}, batch {state.batch_in_epoch})")
         else:
@@ -524,6 +579,7 @@ def train(
         acc.wait_for_everyone()
         if acc.is_main_process:
             (tmp / "trainer_state.json").write_text(json.dumps(state.state_dict(), indent=2))
+            write_checksums(tmp)
             _replace_dir(tmp, final)
             for old in list_checkpoints(out_dir)[: -int(cfg.keep_last)]:
                 shutil.rmtree(old, ignore_errors=True)

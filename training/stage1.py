@@ -96,7 +96,8 @@ def build_stage1_task(config: dict[str, Any], data_dirs: Sequence[str | Path], e
     pipe.encoder.requires_grad_(False)  # stage 1 trains the condition encoder and the decoder only
     task = Stage1Task(pipe, train_cfg)
     task.train()
-    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
+    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"),
+                                 progress=bool(train_cfg.get("progress", True)))
     train_ds = PairDataset(cache, datasets, seed=seed, augment=data_cfg.get("augment", True),
                            include_empty=bool(data_cfg.get("include_empty", False)))
     items = val_items(list(datasets.values()), per_task=int(data_cfg.get("val_per_task", 8)), seed=seed,

@@ -191,7 +191,8 @@ def episode_data(pipe: SegICLPipeline, config: dict[str, Any], data_dirs: Sequen
     k_max = int(data_cfg.get("k_max", cfg.k_max))
     if k_max > cfg.k_max:
         raise ValueError(f"data.k_max {k_max} exceeds the model's k_max {cfg.k_max}")
-    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"))
+    datasets, cache = load_split(data_dirs, "train", cfg.image_size, exclude, cache_dir=data_cfg.get("cache_dir"),
+                                 progress=bool(train_cfg.get("progress", True)))
     train_ds = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=data_cfg.get("k_dist", "uniform"),
                               task_weighting=data_cfg.get("task_weighting", "uniform"), seed=seed + seed_offset,
                               augment=data_cfg.get("augment", True),

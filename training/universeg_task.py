@@ -51,7 +51,8 @@ def build_universeg_task(config: dict[str, Any], data_dirs: Sequence[str | Path]
         torch.manual_seed(seed)
         model = UniverSeg(cfg)
     k_max = int(data_cfg.get("k_max", 5))
-    datasets, cache = load_split(data_dirs, "train", cfg.size, exclude, cache_dir=data_cfg.get("cache_dir"))
+    datasets, cache = load_split(data_dirs, "train", cfg.size, exclude, cache_dir=data_cfg.get("cache_dir"),
+                                 progress=bool(train_cfg.get("progress", True)))
     real = EpisodeDataset(cache, datasets, k_max=k_max, k_dist=[0.0] + [1.0] * k_max, seed=seed,
                           augment=data_cfg.get("augment", True), invert_prob=float(data_cfg.get("invert_prob", 0.0)))
     train_ds = real

@@ -125,6 +125,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"[benchmark all] {name}: done, skipped (--resume)")
             continue
         command = _fill(step["command"], args)
+        if command[0] == "evaluate":
+            command.append("--overwrite")  # the step reruns: its earlier results are replaced
         print(f"[benchmark all] {name}: segicl {' '.join(command)}", flush=True)
         t0 = time.perf_counter()
         rc = segicl_main(command)

@@ -59,7 +59,7 @@ def _evaluate(datasets: list[Path], supports: str, embedder: str | None, out: Pa
         argv = [x for d in datasets for x in ("--data", str(d))]
         argv += ["--split", args.split, "--methods", args.methods, "--k", str(args.k), "--supports", supports,
                  "--draws", "1", "--limit", str(args.limit), "--steps", "10", "--samples", "1", "--no-progress",
-                 "--out", str(out)]
+                 "--overwrite", "--out", str(out)]  # no summary: a killed run's leftovers are replaced
         eval_main(eval_args(argv + (["--embedder", embedder] if embedder else [])))
     return summary
 

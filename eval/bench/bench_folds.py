@@ -109,7 +109,7 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
         out = run / f"eval_{name.replace('+', '_')}"
         methods = [] if "--methods" in extra else ["--methods", "segicl"]
         if not _fresh(out / "summary.csv", [Path(model) / "manifest.json", run / "universeg" / "model" / "manifest.json"]):
-            eval_main(eval_args([*data, *common, "--k", ks, "--supports", supports, *methods, *extra,
+            eval_main(eval_args([*data, *common, "--overwrite", "--k", ks, "--supports", supports, *methods, *extra,
                                  "--checkpoint", model, "--out", str(out)]))
         for r in csv.DictReader(open(out / "summary.csv")):
             method = name if r["method"] == "segicl" else r["method"].split(":")[0]

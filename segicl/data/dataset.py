@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS = 40_000_000
@@ -97,6 +97,8 @@ def open_image(path: Path, mode: str | None = None, decode: bool = True) -> Imag
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found")
+    if path.stat().st_size == 0:
+        raise DataError(f"{path}: empty file (0 bytes), not an image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -112,8 +114,14 @@ def open_image(path: Path, mode: str | None = None, decode: bool = True) -> Imag
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise DataError(f"{path}: refused as a decompression bomb ({exc})") from exc
-    except OSError as exc:  # PIL.UnidentifiedImageError is an OSError; truncated files raise OSError on load
+    except UnidentifiedImageError as exc:
+        raise DataError(f"{path}: unreadable image (not a format PIL recognises)") from exc
+    except OSError as exc:  # truncated files raise OSError on load
         raise DataError(f"{path}: unreadable or truncated image ({exc})") from exc
+    if decode and img.mode == "F":  # float TIFFs: NaN / inf would turn into arbitrary grey levels
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(img))))
+        if bad:
+            raise DataError(f"{path}: float image with {bad} NaN or inf pixel(s)")
     if decode and mode is not None and img.mode != mode:
         img = img.convert(mode)
     return img
