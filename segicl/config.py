@@ -218,7 +218,7 @@ class CalibrationConfig:
     #   task from the others; the best mean Dice wins, the default path unless another beats it by `margin`
     examples: int = 6
     margin: float = 0.02
-    candidates: list[str] = field(default_factory=lambda: ["default", "no_blend", "zero_shot"])
+    candidates: tuple[str, ...] = ("default", "no_blend", "zero_shot")
 
     def validate(self) -> None:
         from segicl.calibrate import CANDIDATES
