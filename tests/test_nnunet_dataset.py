@@ -1,8 +1,10 @@
-"""An nnU-Net v2 raw folder as ``--data``: slices on the fly, splits by case, index / evaluate / train."""
+"""An nnU-Net v2 raw folder as ``--data``: slices on the fly, splits by case, index / evaluate / train,
+and the 3D per-case metrics of ``segicl evaluate`` (volumes.csv)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -11,9 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
+from eval.methods import Method
+from eval.suite import SuiteConfig, run_suite
 from segicl import volumes as V
 from segicl.cli import main
-from segicl.data import find_datasets, is_dataset_folder, load_dataset
+from segicl.data import Sample, find_datasets, is_dataset_folder, load_dataset
 from segicl.data.nnunet import nnunet_to_2d
 from segicl.data.nnunet_dataset import NnUNetSliceDataset
 from tests.volume_files import SHAPE, write_nnunet_raw
@@ -111,6 +115,48 @@ def test_index_build_and_evaluate_take_the_raw_folder(raw: Path, tmp_path: Path)
     rows = _rows(out / "results.csv")
     assert [(r["label"], r["stem"]) for r in rows] == [(lab, s) for lab in ("body", "organ") for s in ds.stems("test")[:2]]
     assert all(not r["error"] and r["support_stems"] in ds.stems("train") for r in rows)
+    vols = _rows(out / "volumes.csv")  # --limit 2 cuts the test case: no 3D figures, said so
+    assert [(v["label"], v["slices"], v["dice3d"]) for v in vols] == [("body", f"2/{N}", "nan"), ("organ", f"2/{N}", "nan")]
+    assert all("3D metrics need every slice" in v["error"] for v in vols)
+    md = (out / "summary.md").read_text()
+    assert "## 3D per case" in md and "| Phantom | body | labelprop | 1 | random | 0 | – | – | – | 0/0 | 1 | 0 |" in md
+
+
+class _Oracle(Method):
+    """Predicts the query's own mask, except on the slices listed in ``drop`` (predicted empty)."""
+
+    name = "oracle"
+    uses_supports = False
+
+    def __init__(self, drop: tuple[int, ...] = ()):
+        self.drop = drop
+
+    def predict(self, query: Sample, supports: list[Sample], text: str, seed: int):
+        empty = int(query.stem.rsplit("_s", 1)[1]) in self.drop
+        return np.zeros(query.mask.shape, np.float32) if empty else query.mask.astype(np.float32), None
+
+
+def test_evaluate_reports_3d_metrics_per_case_in_mm(raw: Path, tmp_path: Path) -> None:
+    ds = load_dataset(raw)
+    (case,) = {ds.group(x) for x in ds.stems("test")}
+    lab = np.asarray(nib.load(str(raw / "labelsTr" / f"{case}.nii.gz")).dataobj)
+    cfg = SuiteConfig(data=[raw], out=tmp_path / "ev", methods=["perfect", "drop4"], ks=[0], progress=False)
+    paths = run_suite(cfg, methods={"perfect": _Oracle(), "drop4": _Oracle(drop=(4,))})
+    vols = {(v["method"], v["label"]): v for v in _rows(paths["volumes"])}
+    assert len(vols) == 4 and all(v["case"] == case and v["slices"] == f"{N}/{N}" and not v["error"] for v in vols.values())
+    for label in ("body", "organ"):
+        v = vols[("perfect", label)]
+        assert (float(v["dice3d"]), float(v["hd95_mm"]), float(v["nsd_mm"])) == (1.0, 0.0, 1.0)
+    # drop4: slice 4 predicted empty; slice i is data slice z = i (slicing keeps the data's order along the
+    # axis), so Dice = 2 |T minus slice 4| / (|T| + |T minus slice 4|)
+    for value, label in ((1, "body"), (2, "organ")):
+        t, t4 = int((lab == value).sum()), int((lab[:, :, 4] == value).sum())
+        assert t4 > 0 and float(vols[("drop4", label)]["dice3d"]) == pytest.approx(2 * (t - t4) / (2 * t - t4))
+        assert float(vols[("drop4", label)]["nsd_mm"]) < 1.0
+    run = json.loads(paths["run"].read_text())
+    assert run["volume_rows"] == 4
+    md = paths["summary_md"].read_text()
+    assert "| Phantom | organ | perfect | – | none | 1 | 1.000 | 0.00 | 1.000 | 0/0 | 0 | 0 |" in md
 
 
 def test_train_reads_the_raw_folder(raw: Path, tmp_path: Path) -> None:
