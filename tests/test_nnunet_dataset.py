@@ -191,3 +191,29 @@ def test_a_bad_case_stops_index_and_evaluate_naming_the_file(raw: Path, tmp_path
     assert str(exc.value.code) == f"segicl evaluate: {problem}" and not (tmp_path / "ev").exists()
     assert main(["index", "build", "--data", str(raw), "--out", str(tmp_path / "st"), "--no-progress"]) == 1
     assert capsys.readouterr().err.strip().endswith(problem) and not (tmp_path / "st").exists()
+
+
+def test_window_and_axis_from_dataset_json(raw: Path) -> None:
+    meta = json.loads((raw / "dataset.json").read_text())
+    meta["segicl"] = {"window": "abdomen", "axis": "0"}
+    (raw / "dataset.json").write_text(json.dumps(meta))
+    ds = load_dataset(raw)
+    stem = ds.stems("train")[3]
+    assert len(ds.stems("train")) == SHAPE[0] and stem.endswith("_s003")  # 24 slices along data axis 0
+    vol = V.read_volume(raw / "imagesTr" / f"{ds.case_of(stem)}_0000.nii.gz")
+    expected = V.volume_slices(vol, 0, "abdomen")[3]  # HU 40 +- 200 -> 0..255
+    assert np.array_equal(np.asarray(ds.read_image(stem)), np.asarray(expected))
+
+
+def test_2d_png_raw_folder_keeps_splits_and_groups(tmp_path: Path) -> None:
+    from segicl.data.nnunet import to_nnunet
+
+    demo = Path(__file__).resolve().parents[1] / "segicl" / "assets" / "demo" / "fuseg_foot_ulcer"
+    src = load_dataset(demo)
+    ds = load_dataset(to_nnunet(demo, tmp_path / "Dataset901_FUSeg"))
+    assert isinstance(ds, NnUNetSliceDataset) and not ds.is_volume
+    assert ds.labels == {1: "foot ulcer"} and ds.splits == src.splits  # nnU-Net's value 1 for the original 255
+    stem = src.stems("test")[0]
+    assert ds.group(stem) == src.group(stem) and ds.split_of(stem) == "test"
+    a, b = ds.sample(stem, "foot ulcer"), src.sample(stem, 255)
+    assert np.array_equal(a.mask, b.mask) and np.array_equal(np.asarray(a.image), np.asarray(b.image))
