@@ -113,27 +113,36 @@ class SegICLMethod(Method):
             kwargs["num_samples"] = int(self.samples)
         return kwargs
 
+    def set_support_source(self, policy: str, source: Any) -> None:
+        """Where calibration examples get their supports: ``source(item, k)`` -> supports of a train item, drawn
+        as the evaluated queries' are (the suite passes its provider of the current policy)."""
+        self.support_source = (policy, source)
+
     def path_for(self, k: int, text: str) -> str:
         """The calibrated candidate of the current task at ``k`` supports (``calibration.mode = auto``): decided
-        once per task and k on labelled train items, each with k random train supports of other groups."""
+        once per task, k and support policy on labelled train items of the task, each with k supports drawn by
+        the same policy as the queries (never the evaluated split)."""
         from segicl import calibrate
 
         cal = self.pipe.config.calibration
         if cal.mode != "auto" or not k or self.task is None:
             return "default"
         ds, label, split = self.task
-        key = (ds.name, label, k)
+        policy, source = getattr(self, "support_source", ("random", None))
+        key = (ds.name, label, k, policy)
         if key not in self.decisions:
             rng = np.random.default_rng(derive_seed(0, "calibration", ds.name, label, k))
             stems = ds.stems(split)
             examples = []
             for i in rng.permutation(len(stems)):
-                group = ds.group(stems[i])
-                others = [s for s in stems if ds.group(s) != group]
-                if len(others) < k:
-                    continue
-                sup = [ds.sample(others[j], label) for j in rng.permutation(len(others))[:k]]
                 item = ds.sample(stems[i], label)
+                if source is not None:
+                    sup = source(item, k)
+                else:  # random train supports of other groups
+                    others = [s for s in stems if ds.group(s) != item.group]
+                    sup = [ds.sample(others[j], label) for j in rng.permutation(len(others))[:k]]
+                if len(sup) < k:
+                    continue
                 examples.append((item.image, item.mask, [(s.image, s.mask) for s in sup]))
                 if len(examples) == cal.examples:
                     break

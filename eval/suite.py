@@ -446,6 +446,9 @@ class Runner:
             jobs = self._planned_jobs(spec)
         qual_job = self._qualitative_job(jobs)
         for job in jobs:
+            if setup_error is None and hasattr(method, "set_support_source") and job.policy in providers:
+                provider = providers[job.policy]  # calibration examples (train items) get supports as the queries do
+                method.set_support_source(job.policy, lambda item, k, p=provider: p.samples(item, k, 0, support_cache))
             stacker = volume_eval.CaseStacker(
                 ds, task.label_name, spec, "" if job.k is None else job.k, job.policy, job.draw,
                 [q.stem for q in queries], self.nsd_tolerance_mm) if getattr(ds, "is_volume", False) else None
@@ -613,7 +616,7 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
         "eval_config": cfg.config,
         "checkpoint_sha256": _checkpoint_hashes(cfg),
         "methods": runner.provenance,
-        "calibration": {spec: {f"{d}/{lab}/k{k}": dec.to_dict() for (d, lab, k), dec in m.decisions.items()}
+        "calibration": {spec: {f"{d}/{lab}/k{k}/{pol}": dec.to_dict() for (d, lab, k, pol), dec in m.decisions.items()}
                         for spec, m in runner.methods.items() if getattr(m, "decisions", None)},
         "versions": _versions(),
         "rows": len(runner.rows),

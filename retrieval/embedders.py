@@ -17,6 +17,9 @@ Specs understood by :func:`get_embedder`:
     + a rotation-invariant uniform local-binary-pattern texture histogram (``local_binary_pattern``,
     P = 8, R = 1) + the ``pixel`` embedder's intensity and colour histograms, each block normalised
     and weighted: shape and texture rather than raw intensities.
+``<spec>+<spec>[+...]`` (e.g. ``pixel+hog``)
+    The parts' unit vectors concatenated, each weighted equally (cosine = the mean of the parts'
+    cosines): layout from one, shape and texture from the other.
 ``openclip:<dir>`` / ``openclip:<model-name>@<checkpoint file>``
     Any open_clip model from local files (``pretrained=None`` + ``load_state_dict``). A directory
     holds ``open_clip_config.json`` (``{"model_cfg": {...}, "preprocess_cfg": {...}}``, the hub
@@ -164,6 +167,28 @@ class HOGEmbedder:
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(np.stack([self._one(im) for im in images]))
+
+
+# --------------------------------------------------------------------------------------- concatenation
+class ConcatEmbedder:
+    """Several embedders' unit vectors side by side, each scaled by 1 / sqrt(n): the cosine of two
+    concatenations is the mean of the parts' cosines."""
+
+    name = "concat"
+
+    def __init__(self, parts: Sequence[Embedder]):
+        if len(parts) < 2:
+            raise EmbedderError("a concatenated embedder needs at least two parts")
+        self.parts = list(parts)
+        self.dim = sum(int(p.dim) for p in self.parts)
+        self.spec = "+".join(getattr(p, "spec", p.name) for p in self.parts)
+        self.id = "+".join(p.id for p in self.parts)
+
+    def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
+        if not len(images):
+            return np.zeros((0, self.dim), np.float32)
+        scale = np.float32(1.0 / np.sqrt(len(self.parts)))
+        return np.concatenate([l2_normalise(p.embed(images)) * scale for p in self.parts], axis=1)
 
 
 # --------------------------------------------------------------------------------------- open_clip
@@ -318,6 +343,8 @@ def get_embedder(spec: str | Embedder | None = None) -> Embedder:
             if not hasattr(spec, attr):
                 raise EmbedderError(f"embedder object {spec!r} lacks {attr!r}")
         return spec
+    if "+" in spec:
+        return ConcatEmbedder([get_embedder(part) for part in spec.split("+")])
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind == "pixel":
@@ -336,4 +363,4 @@ def get_embedder(spec: str | Embedder | None = None) -> Embedder:
         return OpenCLIPEmbedder(arg)
     if kind == "segicl":
         return SegICLEmbedder(arg or None)
-    raise EmbedderError(f"unknown embedder {spec!r}; use pixel[:size], hog[:size], openclip:<dir|name@file> or segicl[:<checkpoint dir>]")
+    raise EmbedderError(f"unknown embedder {spec!r}; use pixel[:size], hog[:size], a+b, openclip:<dir|name@file> or segicl[:<checkpoint dir>]")

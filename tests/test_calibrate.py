@@ -72,6 +72,6 @@ def test_evaluate_calibrates_each_task_on_train_items_and_records_it(tmp_path):
                  "--limit", "2", "--steps", "2", "--calibration", "auto", "--no-progress", "--out", str(out)]) == 0
     run = json.loads((out / "run.json").read_text())
     (key, dec), = run["calibration"]["segicl"].items()  # k = 0 has nothing to calibrate
-    assert key == "hc18_fetal_head_us/255/k2" and dec["n"] == SegICLConfig().calibration.examples
+    assert key == "hc18_fetal_head_us/255/k2/random" and dec["n"] == SegICLConfig().calibration.examples
     assert set(dec["dice"]) == {"default", "no_blend", "zero_shot"} and dec["path"] in dec["dice"]
     assert all(0 <= v <= 1 for v in dec["dice"].values()) and "calibration.mode = auto" in run["methods"]["segicl"]

@@ -116,6 +116,26 @@ def test_hog_embedder_matches_shape_and_texture_not_brightness():
         get_embedder("hog:100")
 
 
+def test_concatenated_embedder_averages_the_parts_cosines(demo_dirs, tmp_path):
+    emb = get_embedder("pixel+hog")
+    assert emb.id == "pixel-v1-s16+hog-v1-s128" and emb.dim == 336 + get_embedder("hog").dim
+    ds = load_dataset(demo_dirs[0])
+    imgs = [ds.sample(s, next(iter(ds.labels))).image for s in ds.stems("train")[:3]]
+    both, pix, hog = emb.embed(imgs), get_embedder("pixel").embed(imgs), get_embedder("hog").embed(imgs)
+    np.testing.assert_allclose(both @ both.T, (pix @ pix.T + hog @ hog.T) / 2, atol=1e-5)
+    store = SupportStore.build([demo_dirs[0]], embedder="pixel+hog", progress=False)
+    store.save(tmp_path / "s")
+    again = SupportStore.load(tmp_path / "s")  # the spec round-trips and resolves to the same embedder id
+    stems = ds.stems("train")
+    gallery = emb.embed([ds.sample(s, next(iter(ds.labels))).image for s in stems])
+    sims = gallery[1:] @ both[0]  # the query itself is never its own support
+    hit = again.search(imgs[0], k=1)[0]
+    assert again.embedder.id == emb.id and hit.stem == stems[1 + int(np.argmax(sims))]
+    assert hit.score == pytest.approx(float(sims.max()), abs=1e-4)
+    with pytest.raises(EmbedderError, match="unknown embedder"):
+        get_embedder("pixel+nonsense")
+
+
 def _tiny_openclip_dir(root: Path) -> Path:
     import torch
     from open_clip.model import CLIP
