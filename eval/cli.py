@@ -99,12 +99,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def _expand_data(paths: Sequence[Path]) -> list[Path]:
-    """Dataset folders: a path with images/ is one; otherwise its dataset sub-folders, sorted."""
-    from segicl.data import find_datasets
+    """Dataset folders: a path with images/ (or an nnU-Net raw folder) is one; otherwise its dataset sub-folders, sorted."""
+    from segicl.data import find_datasets, is_dataset_folder
 
     out: list[Path] = []
     for p in paths:
-        if (p / "images").is_dir():
+        if (p / "images").is_dir() or is_dataset_folder(p):
             out.append(p)
         elif p.is_dir():
             found = find_datasets(p)
@@ -187,14 +187,14 @@ def _check_out(out: Path, overwrite: bool) -> None:
 def _check_data(dirs: Sequence[Path], split: str, limit: int | None) -> None:
     """Decode every image and mask the run can read (the queries and the train split) before any work,
     so a bad file stops the run with its name before the output folder exists."""
-    from segicl.data import load_dataset, open_image
+    from segicl.data import load_dataset
 
     for d in dirs:
         ds = load_dataset(d)
         stems = ds.stems(split)[:limit] + (ds.stems("train") if "train" in ds.splits and split != "train" else [])
         for stem in stems:
             ds.read_label_map(stem)
-            open_image(ds.image_path(stem))
+            ds.read_image(stem)
 
 
 def _describe(args: argparse.Namespace) -> str:

@@ -30,6 +30,10 @@ and never share the query's group (patient / case / sequence):
   only one dataset is evaluated. The instruction stays the query's. A model that reads its supports
   must lose here; one that ignores them scores as with its own.
 
+Volume datasets (nnU-Net raw folders of 3D cases): the slices are queries as above; per case the slice
+predictions are also stacked back into a volume for 3D Dice / HD95 / NSD in mm (eval/volume_eval.py,
+volumes.csv), for the cases whose slices were all evaluated.
+
 Seeds: the seed of a prediction is ``derive_seed(seed, dataset, label, stem, draw)``, so the same
 run seed gives the same results.csv whatever the order or subset of the run (``seconds`` aside).
 """
@@ -53,9 +57,15 @@ from typing import Any
 
 import numpy as np
 
-from eval import report
+from eval import report, volume_eval
 from eval.methods import Method, build_method, derive_seed, method_class, parse_spec
-from eval.metrics import DEFAULT_NSD_TOLERANCE, UNCERTAINTY_METRICS, compute_metrics, uncertainty_metrics
+from eval.metrics import (
+    DEFAULT_NSD_TOLERANCE,
+    DEFAULT_NSD_TOLERANCE_MM,
+    UNCERTAINTY_METRICS,
+    compute_metrics,
+    uncertainty_metrics,
+)
 from segicl import CONFIGS_DIR, REPO_DIR
 from segicl.data import Sample, SegDataset, load_dataset
 
@@ -331,6 +341,7 @@ class Runner:
         self.cfg = cfg
         self.threshold = float(cfg.config.get("threshold", 0.5))
         self.nsd_tolerance = float(cfg.config.get("nsd_tolerance", DEFAULT_NSD_TOLERANCE))
+        self.nsd_tolerance_mm = float(cfg.config.get("nsd_tolerance_mm", DEFAULT_NSD_TOLERANCE_MM))  # 3D metrics
         qcfg = cfg.config.get("qualitative") or {}
         self.n_qualitative = int(qcfg.get("images_per_dataset", 3))
         self.max_supports_shown = int(qcfg.get("max_supports", 3))
@@ -338,6 +349,7 @@ class Runner:
         self.methods: dict[str, Method] = {}
         self.provenance: dict[str, Any] = {}
         self.rows: list[dict[str, Any]] = []
+        self.volume_rows: list[dict[str, Any]] = []  # 3D metrics per case of volume datasets (eval/volume_eval.py)
         self.qualitative: list[dict[str, Any]] = []
         self._segicl_ckpt: str | None = None
 
@@ -437,6 +449,9 @@ class Runner:
             if setup_error is None and hasattr(method, "set_support_source") and job.policy in providers:
                 provider = providers[job.policy]  # calibration examples (train items) get supports as the queries do
                 method.set_support_source(job.policy, lambda item, k, p=provider: p.samples(item, k, 0, support_cache))
+            stacker = volume_eval.CaseStacker(
+                ds, task.label_name, spec, "" if job.k is None else job.k, job.policy, job.draw,
+                [q.stem for q in queries], self.nsd_tolerance_mm) if getattr(ds, "is_volume", False) else None
             for query in queries:
                 row = {
                     "dataset": ds.name, "label": task.label_name, "label_value": task.label_value,
@@ -445,7 +460,7 @@ class Runner:
                     **{m: math.nan for m in ("dice", "iou", "hd95", "nsd", "seconds")},
                     **dict.fromkeys(UNCERTAINTY_METRICS), "error": "",
                 }  # fmt: skip
-                prob = unc = None
+                prob = unc = pred = None
                 supports: list[Sample] = []
                 if setup_error is not None:
                     row["error"] = setup_error
@@ -466,11 +481,15 @@ class Runner:
                         row["error"] = _one_line(exc)
                         prob = unc = None
                 self.rows.append(row)
+                if stacker is not None:
+                    stacker.add(query.stem, None if row["error"] else pred, query.mask, row["error"])
                 if writer is not None:
                     writer(row)
                 if query.stem in qual_stems and job == qual_job:
                     self._add_qualitative(spec, ds, task, query, supports, prob, unc, job)
                 bar.update(1)
+            if stacker is not None:
+                self.volume_rows += stacker.finish()
 
     def _qualitative_job(self, jobs: list[Job]) -> Job | None:
         """The cell shown in qualitative.png: draw 0 at the largest k, under the first listed policy."""
@@ -553,7 +572,7 @@ def _versions() -> dict[str, str | None]:
 
 def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
     """summary.csv, summary.md, dice_vs_k.png, qualitative.png, loo.* (under LOO), uncertainty.* (when a
-    method measured an uncertainty) and run.json."""
+    method measured an uncertainty), volumes.csv (3D metrics per case of volume datasets) and run.json."""
     cfg = runner.cfg
     out = Path(cfg.out)
     bcfg = cfg.config.get("bootstrap") or {}
@@ -576,6 +595,10 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
                                                            out / "uncertainty.png")
         md += ["\n## Uncertainty: does it flag the bad images and the wrong pixels?\n",
                report.uncertainty_markdown(uncertainty)]
+    if runner.volume_rows:
+        paths["volumes"] = report.write_csv(runner.volume_rows, out / "volumes.csv", volume_eval.VOLUME_COLUMNS)
+        md += ["\n## 3D per case (volume datasets): Dice, HD95 and NSD in mm\n",
+               volume_eval.volume_markdown(volume_eval.volume_summary(runner.volume_rows), runner.nsd_tolerance_mm)]
     paths["summary_md"] = out / "summary.md"
     paths["summary_md"].write_text("\n".join(x for x in md if x), encoding="utf-8")
     if summary:
@@ -598,6 +621,7 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
         "versions": _versions(),
         "rows": len(runner.rows),
         "errors": sum(1 for r in runner.rows if r["error"]),
+        **({"volume_rows": len(runner.volume_rows)} if runner.volume_rows else {}),
     }
     paths["run"] = out / "run.json"
     paths["run"].write_text(json.dumps(run, indent=2, default=str) + "\n", encoding="utf-8")
@@ -616,7 +640,7 @@ def run_suite(cfg: SuiteConfig, methods: dict[str, Method] | None = None,
 
     Returns:
         The written files by name (results, summary, summary_md, dice_vs_k, qualitative, run, loo,
-        uncertainty, uncertainty_png).
+        uncertainty, uncertainty_png, volumes).
     """
     started = datetime.now(UTC).isoformat(timespec="seconds")
     t0 = time.perf_counter()

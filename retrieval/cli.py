@@ -61,12 +61,12 @@ def register_index(subparsers: argparse._SubParsersAction) -> None:
 
 
 def expand_data(paths: list[Path]) -> list[Path]:
-    """Dataset folders: a path with images/ is one; otherwise its dataset sub-folders, sorted."""
-    from segicl.data import find_datasets
+    """Dataset folders: a path with images/ (or an nnU-Net raw folder) is one; otherwise its dataset sub-folders, sorted."""
+    from segicl.data import find_datasets, is_dataset_folder
 
     out: list[Path] = []
     for p in paths:
-        if (p / "images").is_dir():
+        if (p / "images").is_dir() or is_dataset_folder(p):
             out.append(p)
         else:
             found = find_datasets(p)

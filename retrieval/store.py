@@ -216,12 +216,12 @@ class SupportStore:
         longer fits the new size (e.g. flat past 50k) it is rebuilt from the stored vectors
         without re-embedding.
         """
-        from segicl.data import load_dataset, open_image
+        from segicl.data import load_dataset
 
         if isinstance(data_dirs, (str, Path)):
             data_dirs = [data_dirs]
         new: list[Record] = []
-        images: list[tuple[Path, str | None]] = []
+        images: list[tuple[Any, str]] = []  # (dataset, stem): read in batches below
         for d in data_dirs:
             ds = load_dataset(d)
             if split in ds.splits or split == "all":
@@ -241,8 +241,8 @@ class SupportStore:
                     dataset=ds.name, stem=stem, group=ds.group(stem), split=ds.split_of(stem), modality=ds.modality,
                     label_values=present, label_names=dict(ds.labels), image_path=str(Path(ipath).resolve()),
                     mask_path=str(Path(ds.mask_path(stem)).resolve()), root=str(Path(ds.root).resolve()),
-                    sha256=sha256_file(ipath), embedder_id=self.embedder_id))
-                images.append((ipath, ds.image_mode))
+                    sha256=ds.image_sha256(stem), embedder_id=self.embedder_id))
+                images.append((ds, stem))
         seen: set[tuple[str, str]] = set()
         keep = []
         for i, r in enumerate(new):
@@ -257,7 +257,7 @@ class SupportStore:
         bar = _progress(len(new), "embedding supports", progress)
         for start in range(0, len(new), batch_size):
             chunk = images[start:start + batch_size]
-            batch = [open_image(p, mode=m) for p, m in chunk]
+            batch = [ds.read_image(stem) for ds, stem in chunk]
             out = np.asarray(self.embedder.embed(batch), dtype=np.float32)
             if out.shape != (len(batch), self.dim):
                 raise StoreError(f"embedder {self.embedder_spec!r} returned shape {out.shape}, expected {(len(batch), self.dim)}")

@@ -143,6 +143,37 @@ def read_volume(path: str | Path) -> Volume:
     raise VolumeError(p, f"unknown volume format (expected {', '.join(VOLUME_EXTS)} or a DICOM folder)")
 
 
+def read_geometry(path: str | Path) -> tuple[tuple[int, int, int], np.ndarray]:
+    """``(shape, affine)`` of a volume as :func:`read_volume` would give them; NIfTI from the header
+    alone (no voxels decoded), other formats by reading the volume.
+
+    Raises:
+        VolumeError: missing, unreadable, or not 3D.
+    """
+    import nibabel as nib
+
+    p = Path(path)
+    if not p.is_file() or not p.name.lower().endswith(NIFTI_EXTS):
+        vol = read_volume(p)
+        return vol.shape, vol.affine
+    try:
+        img = nib.load(str(p))
+        shape = tuple(int(n) for n in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+    except Exception as exc:  # nibabel's ImageFileError, EOFError, OSError ...
+        raise VolumeError(p, f"unreadable NIfTI header ({type(exc).__name__}: {exc})") from exc
+    if len(shape) == 2:
+        shape = (*shape, 1)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise VolumeError(p, f"{len(shape)}D image of shape {shape}; only 3D volumes are supported "
+                             "(split a 4D series into 3D files first)")
+    if 0 in shape:
+        raise VolumeError(p, f"empty volume of shape {shape}")
+    return shape, affine  # type: ignore[return-value]
+
+
 def _as_3d(data: np.ndarray, path: Path) -> np.ndarray:
     if data.ndim == 2:
         data = data[..., None]

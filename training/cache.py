@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from segicl.data import SegDataset, open_image
+from segicl.data import SegDataset
 
 FORMAT_VERSION = 1
 
@@ -113,7 +113,7 @@ def _key(datasets: Sequence[SegDataset], split: str, size: int, margin: float) -
 
 
 def _load_pair(ds: SegDataset, stem: str, stored: int) -> tuple[np.ndarray, np.ndarray]:
-    img = open_image(ds.image_path(stem), mode=ds.image_mode)
+    img = ds.read_image(stem)
     rgb = img.convert("RGB") if img.mode != "RGB" else img
     image = np.asarray(rgb.resize((stored, stored), Image.BICUBIC), dtype=np.uint8)
     label_map = ds.read_label_map(stem)

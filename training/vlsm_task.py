@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from segicl.data import SegDataset, find_datasets, load_dataset
+from segicl.data import SegDataset, find_datasets, is_dataset_folder, load_dataset
 from segicl.data.transforms import image_to_tensor, mask_to_tensor
 from segicl.losses import dice_bce_loss
 from segicl.vlsm import VLSMModel, build_vlsm
@@ -53,7 +53,7 @@ def resolve_datasets(data_dirs: Sequence[str | Path], exclude: Sequence[str] = (
     folders: list[Path] = []
     for d in data_dirs:
         d = Path(d)
-        if (d / "images").is_dir() and (d / "masks").is_dir():
+        if is_dataset_folder(d):
             folders.append(d)
         else:
             folders += find_datasets(d)

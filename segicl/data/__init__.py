@@ -7,6 +7,7 @@ from segicl.data.dataset import (
     SegDataset,
     Task,
     find_datasets,
+    is_dataset_folder,
     load_dataset,
     open_image,
 )
@@ -19,6 +20,7 @@ __all__ = [
     "SegDataset",
     "Task",
     "find_datasets",
+    "is_dataset_folder",
     "load_dataset",
     "open_image",
     "image_to_tensor",

@@ -1,4 +1,5 @@
-"""Read segmentation datasets: the documented layout of ../shared/data and plain image/mask folders.
+"""Read segmentation datasets: the documented layout of ../shared/data, plain image/mask folders and
+nnU-Net v2 raw folders (sliced on the fly, :mod:`segicl.data.nnunet_dataset`).
 
 Documented layout (see ``../shared/data/README.md``)::
 
@@ -17,6 +18,7 @@ input raises :class:`DataError` naming the file; ``strict=False`` skips bad pair
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from collections.abc import Iterator
@@ -226,6 +228,18 @@ class SegDataset:
         self._present[stem] = frozenset(values)
         return label_map
 
+    def read_image(self, stem: str) -> Image.Image:
+        """The stored image of ``stem`` (converted to ``image_mode`` when set), as the support store embeds it."""
+        return open_image(self.image_paths[stem], mode=self.image_mode)
+
+    def image_sha256(self, stem: str) -> str:
+        """SHA-256 of the image file of ``stem`` (recorded by the support store)."""
+        h = hashlib.sha256()
+        with open(self.image_paths[stem], "rb") as fh:
+            while block := fh.read(1 << 20):
+                h.update(block)
+        return h.hexdigest()
+
     def labels_present(self, stem: str) -> set[int]:
         """Label values with a non-empty mask in this stem (reads the mask once, then cached)."""
         if stem not in self._present:
@@ -307,7 +321,8 @@ def _find_image(folder: Path, stem: str, ext: str | None) -> Path | None:
 
 
 def load_dataset(path: str | Path, strict: bool = True, verify: bool = False, modality: str | None = None) -> SegDataset:
-    """Read a dataset folder (documented layout or a plain images/ + masks/ pair).
+    """Read a dataset folder (documented layout, a plain images/ + masks/ pair, or an nnU-Net v2 raw
+    folder, returned as :class:`segicl.data.nnunet_dataset.NnUNetSliceDataset`).
 
     Args:
         path: the dataset folder.
@@ -324,6 +339,15 @@ def load_dataset(path: str | Path, strict: bool = True, verify: bool = False, mo
     root = Path(path)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found")
+    from segicl.data.nnunet import is_nnunet_raw
+
+    if is_nnunet_raw(root):  # an nnU-Net v2 raw folder: slices made on the fly (segicl/data/nnunet_dataset.py)
+        from segicl.data.nnunet_dataset import load_nnunet_slices
+
+        nn = load_nnunet_slices(root)
+        if verify:
+            nn.verify(strict)
+        return nn
     for sub in ("images", "masks"):
         if not (root / sub).is_dir():
             raise DataError(f"{root}: missing {sub}/ folder")
@@ -424,12 +448,21 @@ def _check_pairs(ds: SegDataset, strict: bool) -> None:
             ds._drop(stem, exc.path, str(exc))
 
 
+def is_dataset_folder(path: str | Path) -> bool:
+    """True for a dataset folder :func:`load_dataset` reads: images/ + masks/, or an nnU-Net v2 raw folder."""
+    from segicl.data.nnunet import is_nnunet_raw
+
+    p = Path(path)
+    return ((p / "images").is_dir() and (p / "masks").is_dir()) or is_nnunet_raw(p)
+
+
 def find_datasets(root: str | Path, exclude: list[str] | tuple[str, ...] = ()) -> list[Path]:
-    """Dataset folders directly under ``root`` (those with images/ and masks/), sorted by name."""
+    """Dataset folders directly under ``root`` (:func:`is_dataset_folder`: images/ and masks/, or an
+    nnU-Net v2 raw folder), sorted by name."""
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: data root not found")
     unknown = set(exclude) - {p.name for p in root.iterdir()}
     if unknown:
         raise ValueError(f"{root}: cannot exclude unknown datasets {sorted(unknown)}")
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / "images").is_dir() and (p / "masks").is_dir() and p.name not in exclude)
+    return sorted(p for p in root.iterdir() if p.is_dir() and is_dataset_folder(p) and p.name not in exclude)

@@ -61,18 +61,33 @@ class NnUNetDataset:
         """One binary task per non-background label, in value order."""
         return [Task(self.name, v, n, self.modality) for v, n in sorted(self.labels.items())]
 
-    def case_splits(self, val_fraction: float = 0.2, seed: int = 0) -> dict[str, list[str]]:
+    def case_splits(self, val_fraction: float = 0.2, seed: int = 0, test_fraction: float = 0.0) -> dict[str, list[str]]:
         """Case names per split: labelled imagesTr cases shuffled by ``seed`` into train / val
-        (at least one val case when there are two or more), labelled imagesTs cases as test."""
+        (at least one val case when there are two or more), labelled imagesTs cases as test.
+
+        ``test_fraction`` > 0 holds that share of the imagesTr cases out as test (at least one
+        when there are two or more) when no imagesTs case has labels; val then takes its share
+        (``val_fraction`` of all imagesTr cases) from the rest, leaving train at least one case.
+        """
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if not 0.0 <= test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {test_fraction}")
         tr = sorted(c.name for c in self.cases if c.split == "train")
+        test = sorted(c.name for c in self.cases if c.split == "test" and c.label is not None)
         random.Random(seed).shuffle(tr)
+        n_test = 0
+        if test_fraction > 0 and not test:
+            n_test = round(len(tr) * test_fraction)
+            if n_test == 0 and len(tr) >= 2:
+                n_test = 1
+            test = sorted(tr[:n_test])
+        rest = len(tr) - n_test
         n_val = round(len(tr) * val_fraction)
-        if val_fraction > 0 and n_val == 0 and len(tr) >= 2:
+        if val_fraction > 0 and n_val == 0 and rest >= 2:
             n_val = 1
-        return {"train": sorted(tr[n_val:]), "val": sorted(tr[:n_val]),
-                "test": sorted(c.name for c in self.cases if c.split == "test" and c.label is not None)}
+        n_val = max(0, min(n_val, rest - 1))
+        return {"train": sorted(tr[n_test + n_val:]), "val": sorted(tr[n_test:n_test + n_val]), "test": test}
 
 
 def is_nnunet_raw(path: str | Path) -> bool:
