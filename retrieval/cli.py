@@ -388,6 +388,14 @@ def segment(args: argparse.Namespace) -> int:
         except (StoreError, EmbedderError) as exc:
             print(f"segicl segment: {args.store}: {exc}", file=sys.stderr)
             return 1
+        if args.k > 0 and (args.label is not None or args.dataset is not None):
+            allowed = store.allowed_mask(args.dataset, args.label)
+            if allowed is not None and not allowed.any():
+                names = sorted({n for r in store.records for v, n in r.label_names.items() if v in r.label_values})
+                what = " and ".join(f"{flag} {v!r}" for flag, v in (("--dataset", args.dataset), ("--label", args.label)) if v)
+                print(f"segicl segment: {args.store}: no support matches {what} (labels in the store: {', '.join(names)})",
+                      file=sys.stderr)
+                return 1
         if args.k > len(store):
             print(f"segicl segment: --k {args.k} but {args.store} holds {len(store)} supports; using at most "
                   f"{len(store)} per query", file=sys.stderr)

@@ -305,6 +305,9 @@ CASES = [
          "segicl segment: --k -1: the number of retrieved supports must be >= 0", _store, NO_SEG),
     Case("k-larger-than-store", STORE + " --k 5", 0,
          "segicl segment: --k 5 but <tmp>/store holds 3 supports; using at most 3 per query", _store, outcome=ACCEPTED),
+    Case("label-not-in-store", STORE + " --k 2 --label kidney", 1,
+         "segicl segment: <tmp>/store: no support matches --label 'kidney' (labels in the store: breast tumour)",
+         _store, NO_SEG),
     Case("store-other-embedder-version", STORE, 1,
          "segicl segment: <tmp>/store: embedder 'pixel' now has id 'pixel-v1-s16' but the store was built with "
          "'pixel-v0-s16' (weights or version changed): rebuild the store", _old_embedder_store, NO_SEG),
