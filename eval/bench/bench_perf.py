@@ -580,11 +580,21 @@ def plots(res: Results, out: Path) -> list[str]:
                     rest = " ".join(t for t in r["setting"].split()
                                     if not (t.startswith(key) if key.endswith("=") else t == key or t.isdigit()))
                     groups.setdefault(rest, []).append(r)
+            every = [r for rows in groups.values() for r in rows]
+            notes = {}
+            if len({_setting_value(r["setting"], key) for r in every}) == len(every) and len(groups) > 1:
+                # one point per x (the store's index type changes with its size): one line, each point named
+                notes = {id(r): rest for rest, rows in groups.items() for r in rows}
+                groups = {"": sorted(every, key=lambda r: _setting_value(r["setting"], key))}
             for rest, rows in groups.items():
                 xs = [_setting_value(r["setting"], key) for r in rows]
-                label = name.split(".", 1)[1] + (f" {rest}" if len(groups) > 1 or name == "store.query" else "")
+                label = name.split(".", 1)[1] + (f" {rest}" if rest and len(groups) > 1 else "")
                 ax.errorbar(xs, [r["p50"] for r in rows], yerr=[[0] * len(rows), [r["p95"] - r["p50"] for r in rows]],
                             marker="o", capsize=3, label=f"{label} (p50, bar to p95)")
+                for x, r in zip(xs, rows):
+                    if notes.get(id(r)):
+                        ax.annotate(notes[id(r)].split()[0], (x, r["p50"]), textcoords="offset points", xytext=(4, -10),
+                                    fontsize=7)
                 ax.set_ylabel(rows[0]["unit"])
                 drawn = True
         if not drawn:
@@ -592,6 +602,9 @@ def plots(res: Results, out: Path) -> list[str]:
             continue
         if key in ("px", "n="):
             ax.set_xscale("log")
+            ticks = sorted({_setting_value(r["setting"], key) for r in res.rows if r["name"] in names})
+            ax.set_xticks(ticks, [f"{t:g}" if key == "px" else f"{t / 1000:g}k" for t in ticks])
+            ax.minorticks_off()
         ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel(xlabel)
