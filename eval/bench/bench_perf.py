@@ -43,6 +43,7 @@ import argparse
 import contextlib
 import csv
 import functools
+import itertools
 import math
 import os
 import platform
@@ -278,12 +279,12 @@ class Workload:
             split = "test" if "test" in ds.splits else next(iter(ds.splits))
             stems = ds.stems(split)
             order = [stems[int(i)] for i in np.random.default_rng(seed).permutation(len(stems))]
-            chosen = [s for s in order if label in ds.labels_present(s)][:images] or order[:images]
+            chosen = list(itertools.islice((s for s in order if label in ds.labels_present(s)), images)) or order[:images]
             self.queries += [ds.sample(s, label) for s in chosen]
         if not self.queries:
             raise SystemExit("segicl benchmark perf: no query images under --data")
         self.store = None
-        self.support_cache: dict[tuple[str, int], list] = {}
+        self.support_cache: dict[tuple[int, int], list] = {}
 
     def build_store(self) -> float:
         from retrieval.store import SupportStore
