@@ -94,6 +94,7 @@ def bench_index(sizes: Sequence[int], types: Sequence[str], dim: int, clusters: 
             recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(got, truth)]))
             row = {"n": n, "dim": dim, "index": kind, "build_s": round(build_s, 2), "index_mb": round(size_mb, 1),
                    "rss_growth_mb": round(mem, 1), "query_ms_p50": round(statistics.median(lat), 3),
+                   "query_ms_p95": round(float(np.percentile(lat, 95)), 3),
                    "query_ms_p99": round(float(np.percentile(lat, 99)), 3), "recall@5": round(recall, 4)}
             print(row, flush=True)
             rows.append(row)
