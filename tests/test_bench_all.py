@@ -63,3 +63,17 @@ def test_benchmark_all_rejects_unknown_steps(tmp_path):
     plan.write_text(PLAN)
     with pytest.raises(SystemExit, match="unknown steps"):
         main(["benchmark", "all", "--data", str(DEMO), "--out", str(tmp_path / "o"), "--plan", str(plan), "--only", "nope"])
+def _table_rows(text: str, first_cell: str) -> list[str]:
+    return [ln for ln in text.splitlines() if ln.startswith("| ") and not ln.startswith(first_cell) and "---" not in ln]
+
+
+def test_readme_tables_are_the_generated_ones():
+    """Every number of the README's two results tables comes from docs/results (segicl benchmark all)."""
+    readme = (REPO / "README.md").read_text()
+    in_domain = (REPO / "docs" / "results" / "in_domain" / "table.md").read_text()
+    for line in _table_rows(in_domain, "| method |"):
+        assert line in readme, f"README in-domain table differs from docs/results/in_domain/table.md: {line}"
+    folds = (REPO / "docs" / "results" / "folds" / "folds.md").read_text()
+    per_fold = folds.split("Mean Dice per fold")[1]
+    for line in _table_rows(per_fold, "| fold |"):
+        assert line in readme, f"README fold table differs from docs/results/folds/folds.md: {line}"
