@@ -152,7 +152,7 @@ def write_results(plan: dict, args: argparse.Namespace, log: dict, wall: float) 
         table = in_domain_table(plan["in_domain_table"], args.out, plan.get("short_names", {}))
         (args.out / "in_domain" / "table.md").write_text(table, encoding="utf-8")
         parts += ["## In domain (README table)", "", "The shipped checkpoint, test split, first 10 images per label, "
-                  "supports retrieved from the train split, 10 DDIM steps, 1 sample. Mean Dice over a dataset's labels, "
+                  "supports retrieved from the train split, the default 5 DDIM steps, 1 sample. Mean Dice over a dataset's labels, "
                   "then over datasets; HD95 in pixels.", "", table]
     except (FileNotFoundError, ValueError) as exc:
         parts += ["## In domain (README table)", "", f"Not written: {exc}", ""]
