@@ -100,7 +100,8 @@ class SegICLMethod(Method):
         self.samples = samples
         self.name = name
         self.task: tuple[SegDataset, int, str] | None = None
-        self.decisions: dict[tuple[str, int, int], Any] = {}  # (dataset, label, k) -> calibrate.Decision
+        self.decisions: dict[tuple[str, int, int, str], Any] = {}  # (dataset, label, k, policy) -> calibrate.Decision
+        self.support_source: tuple[str, Any] | None = None  # (policy, source) of set_support_source
 
     def prepare(self, dataset: SegDataset, label_value: int, split: str = "train") -> None:
         self.task = (dataset, int(label_value), split)
@@ -125,10 +126,10 @@ class SegICLMethod(Method):
         from segicl import calibrate
 
         cal = self.pipe.config.calibration
-        if cal.mode != "auto" or not k or self.task is None:
+        if cal.mode != "auto" or not k or self.task is None or self.support_source is None:
             return "default"
         ds, label, split = self.task
-        policy, source = getattr(self, "support_source", ("random", None))
+        policy, source = self.support_source
         key = (ds.name, label, k, policy)
         if key not in self.decisions:
             rng = np.random.default_rng(derive_seed(0, "calibration", ds.name, label, k))
@@ -136,11 +137,7 @@ class SegICLMethod(Method):
             examples = []
             for i in rng.permutation(len(stems)):
                 item = ds.sample(stems[i], label)
-                if source is not None:
-                    sup = source(item, k)
-                else:  # random train supports of other groups
-                    others = [s for s in stems if ds.group(s) != item.group]
-                    sup = [ds.sample(others[j], label) for j in rng.permutation(len(others))[:k]]
+                sup = source(item, k)
                 if len(sup) < k:
                     continue
                 examples.append((item.image, item.mask, [(s.image, s.mask) for s in sup]))

@@ -100,24 +100,25 @@ class PixelEmbedder:
         thumb = thumb - thumb.mean()
         std = thumb.std()
         thumb = thumb / std if std > 1e-6 else np.zeros_like(thumb)
-        ghist, chist = self.histograms(rgb)
+        ghist, chist = _histograms(rgb, self.GRAY_BINS, self.COLOUR_BINS)
         return _weighted_blocks([(thumb, self.W_THUMB), (ghist, self.W_GRAY), (chist, self.W_COLOUR)])
-
-    def histograms(self, rgb: Image.Image) -> tuple[np.ndarray, np.ndarray]:
-        """Hellinger-mapped grayscale and per-channel colour histograms of a 64 x 64 copy."""
-        small = rgb.resize((64, 64), Image.Resampling.BILINEAR)
-        arr = np.asarray(small, dtype=np.float32) / 255.0  # (64, 64, 3)
-        g = np.asarray(small.convert("L"), dtype=np.float32).ravel() / 255.0
-        ghist = np.sqrt(np.histogram(g, bins=self.GRAY_BINS, range=(0.0, 1.0))[0] / g.size)
-        chist = np.concatenate([
-            np.sqrt(np.histogram(arr[..., c], bins=self.COLOUR_BINS, range=(0.0, 1.0))[0] / g.size) for c in range(3)
-        ])
-        return ghist, chist
 
     def embed(self, images: Sequence[Image.Image]) -> np.ndarray:
         if not len(images):
             return np.zeros((0, self.dim), np.float32)
         return l2_normalise(np.stack([self._one(im) for im in images]))
+
+
+def _histograms(rgb: Image.Image, gray_bins: int, colour_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Hellinger-mapped grayscale and per-channel colour histograms of a 64 x 64 copy."""
+    small = rgb.resize((64, 64), Image.Resampling.BILINEAR)
+    arr = np.asarray(small, dtype=np.float32) / 255.0  # (64, 64, 3)
+    g = np.asarray(small.convert("L"), dtype=np.float32).ravel() / 255.0
+    ghist = np.sqrt(np.histogram(g, bins=gray_bins, range=(0.0, 1.0))[0] / g.size)
+    chist = np.concatenate([
+        np.sqrt(np.histogram(arr[..., c], bins=colour_bins, range=(0.0, 1.0))[0] / g.size) for c in range(3)
+    ])
+    return ghist, chist
 
 
 def _weighted_blocks(blocks: Sequence[tuple[np.ndarray, float]]) -> np.ndarray:
@@ -145,7 +146,6 @@ class HOGEmbedder:
             raise EmbedderError(f"hog embedder needs scikit-image ({exc})") from exc
         self._feature = feature
         self.size = int(size)
-        self._hist = PixelEmbedder(16)
         cells = self.size // self.CELL
         n_lbp = self.LBP_POINTS + 2  # uniform rotation-invariant codes 0..P, and P + 1 for the rest
         self.dim = (cells - 1) ** 2 * 4 * 9 + n_lbp + PixelEmbedder.GRAY_BINS + 3 * PixelEmbedder.COLOUR_BINS
@@ -159,7 +159,7 @@ class HOGEmbedder:
                                 block_norm="L2-Hys", feature_vector=True)
         lbp = self._feature.local_binary_pattern((gray * 255).astype(np.uint8), self.LBP_POINTS, 1, method="uniform")
         lhist = np.sqrt(np.bincount(lbp.astype(np.int64).ravel(), minlength=self.LBP_POINTS + 2) / lbp.size)
-        ghist, chist = self._hist.histograms(rgb)
+        ghist, chist = _histograms(rgb, PixelEmbedder.GRAY_BINS, PixelEmbedder.COLOUR_BINS)
         return _weighted_blocks([(hog.astype(np.float32), self.W_HOG), (lhist, self.W_LBP),
                                  (ghist, self.W_GRAY), (chist, self.W_COLOUR)])
 

@@ -27,8 +27,6 @@ indexes are always serialised from their CPU copy, so a store saved on a GPU mac
 from __future__ import annotations
 
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -312,20 +310,11 @@ def deserialize(data: bytes, source: str | Path = "<bytes>", gpu: bool = True):
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same folder + fsync + os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write ``data`` to ``path`` atomically (:func:`segicl.io.atomic_file`: temp file beside it + fsync + os.replace)."""
+    from segicl.io import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_index(index, path: str | Path) -> bytes:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import platform
 import time
@@ -164,8 +163,7 @@ def write_results(plan: dict, args: argparse.Namespace, log: dict, wall: float) 
     for step in plan["steps"]:
         if step["name"] in log:
             e = log[step["name"]]
-            sec = e["seconds"] if not math.isnan(float(e["seconds"])) else ""
-            parts.append(f"| {step['name']} | {sec} | {e['finished']} | `{e['command']}` |")
+            parts.append(f"| {step['name']} | {e['seconds']} | {e['finished']} | `{e['command']}` |")
     text = "\n".join(parts) + "\n"
     (args.out / "results.md").write_text(text, encoding="utf-8")
     return text
