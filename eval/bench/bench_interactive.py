@@ -50,8 +50,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--labels", default=None, help="comma list of label names to run (default: all)")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an InteractiveConfig field (e.g. --set beta=4)")
+    parser.add_argument("--latency", action="store_true",
+                        help="instead: time clicks on the first dataset (10 context images, 20 clicks per query, 256 px)")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
+
+
+def latency(args: argparse.Namespace, cfg, n_context: int = 10, n_queries: int = 5, n_clicks: int = 20) -> str:
+    """Seconds per prediction with ``n_context`` finished images: the proposal (context searched) and
+    each click after it (context search cached), on the first dataset's first task; ``latency.md``."""
+    import numpy as np
+
+    from eval.cli import _expand_data
+    from eval.robot_user import add_correction
+    from segicl.data import load_dataset
+    from segicl.interactive import Interactions, InteractiveSegmenter
+
+    ds = load_dataset(_expand_data(args.data)[0])
+    label = ds.tasks()[0].label_value
+    stems = [s for s in ds.stems(args.split) if label in ds.labels_present(s)][: n_context + n_queries]
+    seg = InteractiveSegmenter(cfg)
+    for stem in stems[:n_context]:
+        s = ds.sample(stem, label)
+        seg.add_context(s.image, s.mask, stem)
+    first, clicks = [], []
+    for stem in stems[n_context:]:
+        s = ds.sample(stem, label)
+        ints = Interactions()
+        out = seg.predict(s.image, ints, key=stem)
+        first.append(out.seconds)
+        for _ in range(n_clicks):
+            if not add_correction(ints, out.mask, s.mask, args.kind):
+                break
+            out = seg.predict(s.image, ints, key=stem)
+            clicks.append(out.seconds)
+    size = f"{s.image.width}x{s.image.height} px image, working size {cfg.max_size} px"
+    text = (f"{ds.name}, {size}, {len(seg.context_keys)} context images, {len(first)} queries:\n\n"
+            f"| prediction | n | p50 s | p90 s |\n|---|---|---|---|\n"
+            f"| proposal (context searched) | {len(first)} | {np.median(first):.3f} | {np.percentile(first, 90):.3f} |\n"
+            f"| click (context cached) | {len(clicks)} | {np.median(clicks):.3f} | {np.percentile(clicks, 90):.3f} |\n")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "latency.md").write_text(text)
+    return text
 
 
 def _config(sets: list[str]):
@@ -205,6 +245,9 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) ->
 
 def main(args: argparse.Namespace) -> int:
     t0 = time.time()
+    if args.latency:
+        print(latency(args, _config(args.set)))
+        return 0
     rows = run(args)
     if not rows:
         raise SystemExit("segicl benchmark interactive: no tasks found under --data")
