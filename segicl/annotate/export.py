@@ -1,0 +1,76 @@
+"""Export the accepted masks of an annotation session as a dataset.
+
+``segicl``: the project's dataset layout (``../shared/data/README.md``; read back by
+:func:`segicl.data.load_dataset`): ``images/`` (the original files, byte for byte), ``masks/<stem>.png``
+(0 / 255), ``dataset.json`` with one label (255) and every accepted image in the ``train`` split.
+``nnunet``: that layout converted by :func:`segicl.data.nnunet.to_nnunet` (the converter of
+``segicl data convert``), i.e. a 2D nnU-Net v2 raw dataset (imagesTr/, labelsTr/, dataset.json).
+Both are written atomically (a temporary folder renamed into place); an existing non-empty
+destination is refused, never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+from PIL import Image
+
+from segicl.annotate.state import Session, SessionError
+
+FORMATS = ("segicl", "nnunet")
+
+
+def write_segicl_layout(session: Session, dest: Path, label: str) -> Path:
+    """The accepted images and masks as a dataset folder of the project's layout (written atomically)."""
+    from segicl.io import atomic_directory
+
+    names = [n for n in session.accepted if n in session.paths]
+    if not names:
+        raise SessionError(f"{session.out_dir}: no accepted masks to export")
+    modes, suffixes = set(), set()
+    with atomic_directory(dest) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "masks").mkdir()
+        for name in names:
+            src = session.image_path(name)
+            with Image.open(src) as im:
+                modes.add("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
+            suffixes.add(src.suffix)
+            shutil.copyfile(src, tmp / "images" / src.name)
+            shutil.copyfile(session.mask_path(name), tmp / "masks" / f"{src.stem}.png")
+        meta = {"name": dest.name, "modality": "unknown",
+                "description": f"Annotated with segicl annotate from {session.images_dir}"
+                               + (f" ({session.text})" if session.text else ""),
+                "image_mode": "L" if modes == {"L"} else "RGB",
+                "labels": {"255": label}, "splits": {"train": [Path(n).stem for n in names]}, "groups": {},
+                "source": {"segicl_annotate": str(session.images_dir)}}
+        if len(suffixes) == 1:
+            meta["image_ext"] = suffixes.pop()
+        (tmp / "dataset.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
+    return dest
+
+
+def export_session(session: Session, dest: str | Path, fmt: str = "segicl", label: str | None = None) -> Path:
+    """Write the session's accepted set to ``dest`` as ``fmt`` (``segicl`` or ``nnunet``). Returns ``dest``.
+
+    Raises:
+        FileExistsError: ``dest`` exists and is not an empty folder.
+        SessionError: nothing accepted yet.
+    """
+    dest = Path(dest).resolve()
+    if fmt not in FORMATS:
+        raise ValueError(f"export format must be one of {FORMATS}, got {fmt!r}")
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise FileExistsError(f"{dest}: exists and is not empty; export to a new folder")
+    label = label or session.text or "foreground"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if fmt == "segicl":
+        return write_segicl_layout(session, dest, label)
+    from segicl.data.nnunet import to_nnunet
+
+    with tempfile.TemporaryDirectory(prefix=".segicl-export-", dir=dest.parent) as tmp:
+        layout = write_segicl_layout(session, Path(tmp) / dest.name, label)
+        return to_nnunet(layout, dest)

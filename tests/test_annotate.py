@@ -1,0 +1,252 @@
+"""``segicl annotate``: the JSON API against an in-process server on port 0 (stand-in segmenter, see
+tests/annotate_helpers.py), persistence and resume, a SIGKILL during accepts, export round trips."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from segicl.annotate.state import Session, SessionError, mask_png, read_mask, write_bytes_atomic
+from tests.annotate_helpers import SIZE, decode_mask, get, post, serve, write_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> tuple[Path, list[str]]:
+    folder = tmp_path / "images"
+    return folder, write_images(folder)
+
+
+def test_serves_on_localhost_only_and_refuses_foreign_requests(images, tmp_path):
+    folder, _ = images
+    with serve(folder, tmp_path / "out") as (url, app):
+        assert url.startswith("http://127.0.0.1:")
+        port = int(url.rstrip("/").rsplit(":", 1)[1])
+        assert port > 0
+        page = get(url)
+        assert b"<canvas" in page and b"http" not in page.replace(b"http-equiv", b"")  # no external asset
+        assert b"fetch(" in get(url + "static/app.js")
+        with pytest.raises(urllib.error.HTTPError) as e:  # DNS rebinding: another Host
+            get(url + "api/state", headers={"Host": f"evil.example:{port}"})
+        assert e.value.code == 403
+        with pytest.raises(urllib.error.HTTPError) as e:  # a cross-site form post
+            post(url + "api/skip", {"image": "img00.png"}, content_type="application/x-www-form-urlencoded")
+        assert e.value.code == 415
+        with pytest.raises(urllib.error.HTTPError) as e:
+            get(url + "static/../state.py")
+        assert e.value.code == 404
+
+
+def test_state_lists_images_and_bad_files(images, tmp_path):
+    folder, names = images
+    with serve(folder, tmp_path / "out") as (url, _):
+        s = get(url + "api/state")
+    assert s["images"] == names and s["total"] == 4 and s["n_accepted"] == 0
+    assert s["current"] == names[0] and s["order"] == "sequential"
+    assert [e["file"] for e in s["errors"]] == ["broken.png"] and "unreadable" in s["errors"][0]["error"]
+
+
+def test_click_changes_mask_where_placed(images, tmp_path):
+    folder, names = images
+    with serve(folder, tmp_path / "out") as (url, app):
+        r0 = post(url + "api/predict", {"image": names[0], "interactions": {}})
+        assert r0["area"] == 0 and not decode_mask(r0["mask"]).any()  # nothing known yet
+        r1 = post(url + "api/predict", {"image": names[0], "interactions": {"pos_points": [[20, 40]]}})
+        m1 = decode_mask(r1["mask"])
+        assert m1.shape == (SIZE, SIZE) and m1[20, 40] and not m1[50, 10] and r1["area"] == m1.sum() > 0
+        assert r1["interactions"]["pos_points"] == [[20, 40]]
+        r2 = post(url + "api/predict", {"image": names[0],
+                                        "interactions": {"pos_points": [[20, 40]], "neg_points": [[20, 40]]}})
+        assert not decode_mask(r2["mask"])[20, 40]
+        # coordinates are clipped to the image; boxes and scribbles are inputs too
+        r3 = post(url + "api/predict", {"image": names[0], "interactions": {
+            "boxes": [[60, 60, 50, 50]], "pos_scribbles": [[[5, 5], [5, 900]]]}})
+        m3 = decode_mask(r3["mask"])
+        assert m3[55, 55] and m3[5, 5] and m3[5, SIZE - 1] and r3["interactions"]["boxes"] == [[50, 50, 60, 60]]
+        # the open image's interactions are pending in session.json
+        session = json.loads((tmp_path / "out" / "session.json").read_text())
+        assert session["current"] == names[0] and session["pending"]["boxes"] == [[50, 50, 60, 60]]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(url + "api/predict", {"image": names[0], "interactions": {"lasso": []}})
+        assert e.value.code == 400 and "lasso" in json.loads(e.value.read())["error"]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(url + "api/predict", {"image": "../secret.png", "interactions": {}})
+        assert e.value.code == 400
+
+
+def test_accept_writes_mask_grows_context_and_moves_on(images, tmp_path):
+    folder, names = images
+    out = tmp_path / "out"
+    with serve(folder, out) as (url, app):
+        ints = {"pos_points": [[32, 20]]}
+        predicted = decode_mask(post(url + "api/predict", {"image": names[0], "interactions": ints})["mask"])
+        s = post(url + "api/accept", {"image": names[0], "interactions": ints})
+        assert s["saved"] == str(out / "masks" / "img00.png")
+        saved = np.asarray(Image.open(out / "masks" / "img00.png"))
+        assert saved.shape == (SIZE, SIZE) and saved.dtype == np.uint8 and set(np.unique(saved)) == {0, 255}
+        assert np.array_equal(saved > 0, predicted)
+        assert app.segmenter.context_keys == [names[0]] and s["context"] == 1
+        assert s["accepted"] == [names[0]] and s["n_accepted"] == 1 and s["current"] == names[1]
+        # the next image starts from the context (the stand-in returns the context masks' union)
+        nxt = post(url + "api/predict", {"image": names[1], "interactions": {}})
+        assert np.array_equal(decode_mask(nxt["mask"]), predicted)
+        s = post(url + "api/skip", {"image": names[1]})
+        assert s["current"] == names[2] and s["skipped"] == [names[1]]
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(url + "api/goto", {"image": names[0]})
+        assert e.value.code == 400 and "already accepted" in json.loads(e.value.read())["error"]
+        assert post(url + "api/goto", {"image": names[1]})["current"] == names[1]
+        for n in names[1:]:
+            s = post(url + "api/accept", {"image": n, "interactions": {"pos_points": [[10, 10]]}})
+        assert s["current"] is None and s["n_accepted"] == 4 and len(app.segmenter.context_keys) == 4
+    session = json.loads((out / "session.json").read_text())
+    assert session["accepted"] == names and session["images_dir"] == str(folder.resolve())
+
+
+def test_resume_after_restart(images, tmp_path):
+    folder, names = images
+    out = tmp_path / "out"
+    with serve(folder, out, text="the disc") as (url, _):
+        post(url + "api/accept", {"image": names[0], "interactions": {"pos_points": [[32, 20]]}})
+        post(url + "api/predict", {"image": names[1], "interactions": {"neg_points": [[3, 4]], "boxes": [[1, 2, 30, 40]]}})
+    with serve(folder, out) as (url, app):
+        s = get(url + "api/state")
+        assert s["current"] == names[1] and s["accepted"] == [names[0]] and s["text"] == "the disc"
+        assert s["interactions"]["neg_points"] == [[3, 4]] and s["interactions"]["boxes"] == [[1, 2, 30, 40]]
+        assert app.segmenter.context_keys == [names[0]]  # accepted masks are back in the context
+        assert np.array_equal(app.segmenter.context[names[0]], read_mask(out / "masks" / "img00.png"))
+
+
+def test_refuses_another_images_folder_and_foreign_masks(images, tmp_path):
+    folder, _ = images
+    out = tmp_path / "out"
+    Session(folder, out)
+    other = tmp_path / "other"
+    write_images(other, n=2, bad=False)
+    with pytest.raises(SessionError, match="another images folder"):
+        Session(other, out)
+    foreign = tmp_path / "foreign"
+    (foreign / "masks").mkdir(parents=True)
+    (foreign / "masks" / "x.png").write_bytes(b"")
+    with pytest.raises(SessionError, match="unknown session"):
+        Session(folder, foreign)
+    assert (foreign / "masks" / "x.png").read_bytes() == b""
+    with pytest.raises(SessionError, match="no readable PNG or JPEG"):
+        Session(tmp_path / "out", tmp_path / "out2")
+
+
+def test_mask_without_session_entry_is_recovered(images, tmp_path):
+    """A kill between the mask write and the session write: the mask counts as accepted on restart."""
+    folder, names = images
+    out = tmp_path / "out"
+    Session(folder, out)
+    write_bytes_atomic(out / "masks" / "img02.png", mask_png(np.ones((SIZE, SIZE), bool)))
+    (out / "masks" / ".img03.png.abc.png").write_bytes(b"half")  # a killed atomic write's temp file
+    s = Session(folder, out)
+    assert s.accepted == [names[2]] and "interrupted accept" in s.notes[0]
+    assert not (out / "masks" / ".img03.png.abc.png").exists()
+    (out / "masks" / "img02.png").unlink()
+    s = Session(folder, out)
+    assert s.accepted == [] and "missing" in s.notes[0]
+
+
+def test_uncertain_order_picks_the_least_certain_image(images, tmp_path):
+    folder, names = images
+    with serve(folder, tmp_path / "out", order="uncertain") as (url, _):
+        s = post(url + "api/accept", {"image": names[0], "interactions": {"pos_points": [[32, 20]]}})
+        assert s["order"] == "uncertain" and s["current"] == names[3]  # brightest = most uncertain for the stand-in
+
+
+KILL_SCRIPT = """
+import argparse, sys
+sys.path.insert(0, {repo!r})
+from segicl.annotate.app import add_arguments, main
+from tests.annotate_helpers import stub_backend
+sys.exit(main(add_arguments(argparse.ArgumentParser()).parse_args(sys.argv[1:]), backend=stub_backend))
+"""
+
+
+def _start(folder: Path, out: Path) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO)), str(folder), "--out", str(out),
+                             "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    line = proc.stdout.readline()
+    assert "http://127.0.0.1:" in line, line + proc.stderr.read()
+    return proc, line.split()[2]
+
+
+def test_sigkill_during_accepts_loses_nothing(images, tmp_path):
+    folder, names = images
+    out = tmp_path / "out"
+    proc, url = _start(folder, out)
+    try:
+        confirmed = [post(url + "api/accept", {"image": names[0], "interactions": {"pos_points": [[32, 20]]}})["accepted"]]
+        # more accepts in flight while the process is killed
+        def accept_rest():
+            try:
+                for n in names[1:]:
+                    post(url + "api/accept", {"image": n, "interactions": {"boxes": [[4, 4, 40, 40]]}})
+            except OSError:  # the server died mid-request: that is the point
+                pass
+
+        threading.Thread(target=accept_rest, daemon=True).start()
+        time.sleep(0.02)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    proc, url = _start(folder, out)
+    try:
+        s = get(url + "api/state")
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+    assert set(confirmed[0]) <= set(s["accepted"])
+    on_disk = sorted(p.name for p in (out / "masks").iterdir() if not p.name.startswith("."))
+    assert sorted(Path(n).stem + ".png" for n in s["accepted"]) == on_disk  # every mask on disk is accepted
+    for name in s["accepted"]:
+        m = read_mask(out / "masks" / f"{Path(name).stem}.png")
+        assert m.shape == (SIZE, SIZE) and m.any()
+    assert json.loads((out / "session.json").read_text())["accepted"] == s["accepted"]
+
+
+@pytest.mark.parametrize("fmt", ["segicl", "nnunet"])
+def test_export_round_trip(images, tmp_path, fmt):
+    from segicl.annotate.app import add_arguments, main
+
+    folder, names = images
+    out = tmp_path / "out"
+    with serve(folder, out) as (url, _):
+        for n, p in zip(names[:3], ([32, 20], [32, 26], [32, 32])):
+            post(url + "api/accept", {"image": n, "interactions": {"pos_points": [p]}})
+    dest = tmp_path / "export" / f"ds_{fmt}"
+    args = add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+        [str(folder), "--out", str(out), "--export", fmt, "--export-to", str(dest), "--label", "disc"])
+    assert main(args) == 0
+    assert main(args) == 2  # never over an existing export
+    if fmt == "nnunet":
+        from segicl.data.nnunet import load_nnunet, nnunet_to_2d
+
+        nn = load_nnunet(dest)
+        assert nn.labels == {1: "disc"} and sorted(c.name for c in nn.cases) == ["img00", "img01", "img02"]
+        dest = nnunet_to_2d(dest, tmp_path / "back")
+    from segicl.data import load_dataset
+
+    ds = load_dataset(dest, verify=True)
+    assert ds.labels == {255: "disc"} and sorted(ds.stems("all")) == ["img00", "img01", "img02"]
+    for stem in ds.stems("all"):
+        sample = ds.sample(stem, 255)
+        assert np.array_equal(sample.mask, read_mask(out / "masks" / f"{stem}.png"))
+        assert np.array_equal(np.asarray(sample.image.convert("L")), np.asarray(Image.open(folder / f"{stem}.png")))
