@@ -183,9 +183,12 @@ def _start(folder: Path, out: Path) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.format(repo=str(REPO)), str(folder), "--out", str(out),
                              "--no-browser"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
-    line = proc.stdout.readline()
-    assert "http://127.0.0.1:" in line, line + proc.stderr.read()
-    return proc, line.split()[2]
+    lines = []
+    while not lines or "http://127.0.0.1:" not in lines[-1]:  # "adding ... to the context" may come first
+        lines.append(proc.stdout.readline())
+        if not lines[-1]:  # the server exited
+            raise AssertionError("".join(lines) + proc.stderr.read())
+    return proc, lines[-1].split()[2]
 
 
 def test_sigkill_during_accepts_loses_nothing(images, tmp_path):
@@ -250,3 +253,37 @@ def test_export_round_trip(images, tmp_path, fmt):
         sample = ds.sample(stem, 255)
         assert np.array_equal(sample.mask, read_mask(out / "masks" / f"{stem}.png"))
         assert np.array_equal(np.asarray(sample.image.convert("L")), np.asarray(Image.open(folder / f"{stem}.png")))
+
+
+def test_with_the_real_interactive_segmenter(images, tmp_path):
+    """The default backend (segicl.interactive, training-free): a click segments the disc under it, an
+    accepted image joins the context and the next image is predicted from it before any click."""
+    pytest.importorskip("segicl.interactive", reason="segicl.interactive is not on this branch yet")
+    from segicl.annotate.app import Annotator, default_backend
+
+    folder, names = images
+    app = Annotator(Session(folder, tmp_path / "out"), *default_backend(""))
+    assert app.api_predict({"image": names[0], "interactions": {}})["area"] == 0  # nothing known yet
+    m = decode_mask(app.api_predict({"image": names[0], "interactions": {"pos_points": [[32, 20]]}})["mask"])
+    assert m[32, 20] and not m[2, 62] and not m[60, 60]
+    s = app.api_accept({"image": names[0], "interactions": {"pos_points": [[32, 20]]}})
+    assert app.segmenter.context_keys == [names[0]] and s["current"] == names[1]
+    nxt = decode_mask(app.api_predict({"image": names[1], "interactions": {}})["mask"])
+    assert nxt[32, 26] and not nxt[2, 62]
+
+
+def test_cli_plugin_is_declared_and_light():
+    import argparse
+    import tomllib
+
+    from segicl.annotate.app import register
+
+    eps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["entry-points"]["segicl.commands"]
+    assert eps["annotate"] == "segicl.annotate.app:register"
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    register(sub)
+    args = sub.choices["annotate"].parse_args(["imgs", "--out", "o", "--order", "uncertain", "--no-browser"])
+    assert args.order == "uncertain" and args.port == 0 and args.no_browser and args.export is None
+    code = "import sys, segicl.annotate.app; print(sorted(m for m in ('torch', 'faiss', 'diffusers') if m in sys.modules))"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=REPO).stdout.strip() == "[]"

@@ -126,6 +126,8 @@ class Annotator:
         self.last_seconds: float | None = None
         self._images: OrderedDict[str, object] = OrderedDict()
         self._last: tuple | None = None  # (key, output) of the last prediction
+        if session.accepted:
+            print(f"segicl annotate: adding the {len(session.accepted)} accepted masks to the context ...", flush=True)
         for name in list(session.accepted):
             if name not in session.paths:
                 session.notes.append(f"{name}: accepted, but the image is no longer in {session.images_dir}; "
@@ -363,6 +365,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                              "project's dataset layout to --export-to")
     parser.add_argument("--export-to", type=Path, default=None, metavar="DIR", help="export destination (new folder)")
     parser.add_argument("--label", default=None, help="export: the label's name (default: --text, or 'foreground')")
+    parser.add_argument("--modality", default="unknown", help="export: the modality written to dataset.json")
     parser.set_defaults(func=main)
     return parser
 
@@ -421,7 +424,7 @@ def export_main(args: argparse.Namespace) -> int:
         session = Session(args.images, args.out) if (args.out / "session.json").is_file() else None
         if session is None:
             raise SessionError(f"{args.out}: no session.json (nothing annotated there yet)")
-        dest = export_session(session, args.export_to, args.export, label=args.label)
+        dest = export_session(session, args.export_to, args.export, label=args.label, modality=args.modality)
     except (SessionError, DataError, FileExistsError) as exc:
         print(f"segicl annotate: {exc}", file=sys.stderr)
         return 2

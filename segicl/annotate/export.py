@@ -23,7 +23,7 @@ from segicl.annotate.state import Session, SessionError
 FORMATS = ("segicl", "nnunet")
 
 
-def write_segicl_layout(session: Session, dest: Path, label: str) -> Path:
+def write_segicl_layout(session: Session, dest: Path, label: str, modality: str = "unknown") -> Path:
     """The accepted images and masks as a dataset folder of the project's layout (written atomically)."""
     from segicl.io import atomic_directory
 
@@ -41,7 +41,7 @@ def write_segicl_layout(session: Session, dest: Path, label: str) -> Path:
             suffixes.add(src.suffix)
             shutil.copyfile(src, tmp / "images" / src.name)
             shutil.copyfile(session.mask_path(name), tmp / "masks" / f"{src.stem}.png")
-        meta = {"name": dest.name, "modality": "unknown",
+        meta = {"name": dest.name, "modality": modality,
                 "description": f"Annotated with segicl annotate from {session.images_dir}"
                                + (f" ({session.text})" if session.text else ""),
                 "image_mode": "L" if modes == {"L"} else "RGB",
@@ -53,7 +53,8 @@ def write_segicl_layout(session: Session, dest: Path, label: str) -> Path:
     return dest
 
 
-def export_session(session: Session, dest: str | Path, fmt: str = "segicl", label: str | None = None) -> Path:
+def export_session(session: Session, dest: str | Path, fmt: str = "segicl", label: str | None = None,
+                   modality: str = "unknown") -> Path:
     """Write the session's accepted set to ``dest`` as ``fmt`` (``segicl`` or ``nnunet``). Returns ``dest``.
 
     Raises:
@@ -68,9 +69,9 @@ def export_session(session: Session, dest: str | Path, fmt: str = "segicl", labe
     label = label or session.text or "foreground"
     dest.parent.mkdir(parents=True, exist_ok=True)
     if fmt == "segicl":
-        return write_segicl_layout(session, dest, label)
+        return write_segicl_layout(session, dest, label, modality)
     from segicl.data.nnunet import to_nnunet
 
     with tempfile.TemporaryDirectory(prefix=".segicl-export-", dir=dest.parent) as tmp:
-        layout = write_segicl_layout(session, Path(tmp) / dest.name, label)
+        layout = write_segicl_layout(session, Path(tmp) / dest.name, label, modality)
         return to_nnunet(layout, dest)

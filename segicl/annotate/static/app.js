@@ -37,7 +37,7 @@ async function api(path, body) {
 
 function message(text, isError) {
   const m = $("message");
-  m.textContent = text || "";
+  m.textContent = text ? "· " + text : "";
   m.className = isError ? "error" : "";
 }
 
