@@ -168,6 +168,7 @@ def test_uncertain_order_picks_the_least_certain_image(images, tmp_path):
     with serve(folder, tmp_path / "out", order="uncertain") as (url, _):
         s = post(url + "api/accept", {"image": names[0], "interactions": {"pos_points": [[32, 20]]}})
         assert s["order"] == "uncertain" and s["current"] == names[3]  # brightest = most uncertain for the stand-in
+        assert "least certain of 3 remaining" in s["proposal"]
 
 
 KILL_SCRIPT = """

@@ -81,6 +81,7 @@ async function open(s) {
   await image.decode();
   layout();
   $("name").textContent = `${name} (${image.width}×${image.height})`;
+  message(s.proposal || "");
   draw();
   await predict();
 }
@@ -106,7 +107,7 @@ async function predict() {
     $("area").dataset.area = r.area;
     app.last_seconds = r.seconds;
     showState(app);
-    message("");
+    if ($("message").className === "error") message(app.proposal || "");
     draw();
   } catch (e) {
     message(e.message, true);
