@@ -105,15 +105,23 @@ def test_accept_writes_mask_grows_context_and_moves_on(images, tmp_path):
         assert np.array_equal(decode_mask(nxt["mask"]), predicted)
         s = post(url + "api/skip", {"image": names[1]})
         assert s["current"] == names[2] and s["skipped"] == [names[1]]
-        with pytest.raises(urllib.error.HTTPError) as e:
-            post(url + "api/goto", {"image": names[0]})
-        assert e.value.code == 400 and "already accepted" in json.loads(e.value.read())["error"]
+        s = post(url + "api/goto", {"image": names[0]})  # an accepted image reopens with its interactions
+        assert s["current"] == names[0] and s["interactions"]["pos_points"] == [[32, 20]]
         assert post(url + "api/goto", {"image": names[1]})["current"] == names[1]
         for n in names[1:]:
             s = post(url + "api/accept", {"image": n, "interactions": {"pos_points": [[10, 10]]}})
         assert s["current"] is None and s["n_accepted"] == 4 and len(app.segmenter.context_keys) == 4
     session = json.loads((out / "session.json").read_text())
     assert session["accepted"] == names and session["images_dir"] == str(folder.resolve())
+    assert session["done"][names[0]]["pos_points"] == [[32, 20]]
+    # accepting an accepted image again replaces its mask (and its context entry)
+    with serve(folder, out) as (url, app):
+        assert app.session.current is None
+        post(url + "api/goto", {"image": names[0]})
+        post(url + "api/accept", {"image": names[0], "interactions": {"pos_points": [[5, 5]]}})
+        assert app.segmenter.context_keys.count(names[0]) == 1
+    redone = read_mask(out / "masks" / "img00.png")
+    assert redone[5, 5] and not redone[32, 20]
 
 
 def test_resume_after_restart(images, tmp_path):
@@ -211,12 +219,9 @@ def test_sigkill_during_accepts_loses_nothing(images, tmp_path):
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-    proc, url = _start(folder, out)
-    try:
+    with serve(folder, out) as (url, app):  # the restart (in-process: the same code, without a second start-up)
         s = get(url + "api/state")
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(10)
+        assert sorted(app.segmenter.context_keys) == sorted(s["accepted"])
     assert set(confirmed[0]) <= set(s["accepted"])
     on_disk = sorted(p.name for p in (out / "masks").iterdir() if not p.name.startswith("."))
     assert sorted(Path(n).stem + ".png" for n in s["accepted"]) == on_disk  # every mask on disk is accepted

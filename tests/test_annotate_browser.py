@@ -73,5 +73,23 @@ def test_click_and_accept_in_the_browser(driver, tmp_path):
         ActionChains(driver).move_to_element_with_offset(canvas, int((20.5 / 64 - 0.5) * w), int((32.5 / 64 - 0.5) * h)).context_click().perform()
         wait.until(lambda d: idle(d) and app.session.pending.get("neg_points") == [[32, 20]])
         assert np.count_nonzero(mask) > int(driver.find_element(By.ID, "area").get_attribute("data-area"))
+        # box mode (key 2): a drag is a box; Z undoes it; erase mode (key 4) removes the point under the brush
+        def at(row: int, col: int) -> tuple[int, int]:
+            return int(((col + 0.5) / 64 - 0.5) * w), int(((row + 0.5) / 64 - 0.5) * h)
+
+        def keys(k: str) -> None:
+            ActionChains(driver).send_keys(k).perform()
+
+        keys("2")
+        x0, y0 = at(10, 10)
+        x1, y1 = at(40, 50)
+        ActionChains(driver).move_to_element_with_offset(canvas, x0, y0).click_and_hold().move_by_offset(
+            (x1 - x0) // 2, (y1 - y0) // 2).move_by_offset(x1 - x0 - (x1 - x0) // 2, y1 - y0 - (y1 - y0) // 2).release().perform()
+        wait.until(lambda d: idle(d) and app.session.pending.get("boxes") == [[10, 10, 40, 50]])
+        keys("z")
+        wait.until(lambda d: idle(d) and app.session.pending.get("boxes") == [])
+        keys("4")
+        ActionChains(driver).move_to_element_with_offset(canvas, *at(32, 21)).click().perform()
+        wait.until(lambda d: idle(d) and app.session.pending.get("neg_points") == [])
         logs = [e for e in driver.get_log("browser") if e["level"] == "SEVERE"]
         assert not logs, logs

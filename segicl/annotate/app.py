@@ -21,7 +21,8 @@ API (all JSON unless said)::
     POST /api/accept            {"image": N, "interactions": {...}} -> writes masks/<stem>.png, adds it to
                                 the context, opens the next image; returns the new state
     POST /api/skip              {"image": N} -> opens the next image; returns the new state
-    POST /api/goto              {"image": N} -> opens image N (not yet accepted); returns the new state
+    POST /api/goto              {"image": N} -> opens image N (an accepted one with the interactions it was
+                                accepted with; accepting it again replaces its mask); returns the new state
 """
 
 from __future__ import annotations
@@ -243,9 +244,9 @@ class Annotator:
 
     def api_accept(self, body: dict) -> dict:
         name = str(body.get("image"))
-        _, out = self.predict(name, body.get("interactions"))
+        ints, out = self.predict(name, body.get("interactions"))
         mask = np.asarray(out.mask, bool)
-        path = self.session.accept(name, mask)
+        path = self.session.accept(name, mask, ints)
         self.segmenter.add_context(self.image(name), mask, key=name)
         self.advance(name)
         return {**self.state(), "saved": str(path)}
@@ -253,9 +254,7 @@ class Annotator:
     def api_goto(self, body: dict) -> dict:
         name = str(body.get("image"))
         self._check(name)
-        if name in self.session.accepted:
-            raise SessionError(f"{name}: already accepted (its mask is {self.session.mask_path(name)})")
-        self.session.set_current(name)
+        self.session.set_current(name)  # an accepted image reopens with its interactions; accepting it again replaces its mask
         return self.state()
 
     def api_skip(self, body: dict) -> dict:

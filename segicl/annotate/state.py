@@ -3,7 +3,8 @@
 Files under OUT_DIR::
 
     session.json        images_dir, order, text, accepted (file names, in acceptance order), skipped,
-                        current (file name) and its pending interactions (Interactions.to_dict())
+                        current (file name) and its pending interactions (Interactions.to_dict()),
+                        done: the interactions each accepted mask was made with (reopening it restores them)
     masks/<stem>.png    one accepted mask per image: 8-bit, 0 background / 255 foreground, image size
 
 Every write goes through :func:`segicl.io.atomic_file` (temporary file beside the target, fsync,
@@ -106,6 +107,7 @@ class Session:
         self.skipped: list[str] = []
         self.current: str | None = None
         self.pending: dict = {}
+        self.done: dict[str, dict] = {}
         self.order = "sequential"
         self.text = ""
         self.created = time.strftime("%Y-%m-%dT%H:%M:%S")
@@ -153,6 +155,7 @@ class Session:
         self.skipped = [str(n) for n in data.get("skipped", [])]
         self.current = data.get("current")
         self.pending = dict(data.get("pending") or {})
+        self.done = {str(k): dict(v) for k, v in (data.get("done") or {}).items()}
         self.order = data.get("order", "sequential") if data.get("order") in ORDERS else "sequential"
         self.text = str(data.get("text", ""))
         self.created = str(data.get("created", self.created))
@@ -175,13 +178,13 @@ class Session:
                     self.accepted.append(name)
                     self.notes.append(f"{name}: mask {p.name} found on disk without its session entry "
                                       "(interrupted accept); counted as accepted")
-        if self.current is not None and (self.current not in self.paths or self.current in self.accepted):
+        if self.current is not None and self.current not in self.paths:
             self.current, self.pending = None, {}
 
     def to_dict(self) -> dict:
         return {"version": VERSION, "images_dir": str(self.images_dir), "created": self.created,
                 "order": self.order, "text": self.text, "accepted": self.accepted, "skipped": self.skipped,
-                "current": self.current, "pending": self.pending}
+                "current": self.current, "pending": self.pending, "done": self.done}
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -206,7 +209,7 @@ class Session:
 
     def set_current(self, name: str | None) -> None:
         if name != self.current:
-            self.current, self.pending = name, {}
+            self.current, self.pending = name, dict(self.done.get(name, {}))
             self.save()
 
     def set_pending(self, name: str, interactions: dict) -> None:
@@ -215,14 +218,16 @@ class Session:
             self.pending = dict(interactions)
             self.save()
 
-    def accept(self, name: str, mask: np.ndarray) -> Path:
-        """Write the mask (atomically), then record it as accepted. Returns the mask's path."""
+    def accept(self, name: str, mask: np.ndarray, interactions: dict | None = None) -> Path:
+        """Write the mask (atomically), then record it as accepted, with the interactions it was made
+        with (accepting an accepted image again replaces its mask). Returns the mask's path."""
         if name not in self.paths:
             raise SessionError(f"{name}: not an image of this session")
         path = self.mask_path(name)
         write_bytes_atomic(path, mask_png(mask))
         if name not in self.accepted:
             self.accepted.append(name)
+        self.done[name] = dict(interactions or {})
         if name in self.skipped:
             self.skipped.remove(name)
         if name == self.current:

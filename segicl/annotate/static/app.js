@@ -22,6 +22,7 @@ let drag = null;         // {kind, neg, start, points, changed}
 let scale = 1;
 let seq = 0;             // predict requests sent
 let shownSeq = 0;        // the newest one whose answer is shown
+let area = null;         // foreground pixels of the shown prediction
 
 function empty() { return Object.fromEntries(KINDS.map((k) => [k, []])); }
 
@@ -76,12 +77,13 @@ async function open(s) {
   ints = Object.assign(empty(), s.interactions || {});
   history = [];
   maskCanvas = null;
+  area = null;
   image = new Image();
   image.src = "/api/image?name=" + encodeURIComponent(name);
   await image.decode();
   layout();
   $("name").textContent = `${name} (${image.width}×${image.height})`;
-  message(s.proposal || "");
+  message(s.proposal || (s.accepted.includes(name) ? "accepted already: Accept again replaces its mask" : ""));
   draw();
   await predict();
 }
@@ -105,6 +107,7 @@ async function predict() {
     maskCanvas = await colourMask(r.mask);
     $("area").textContent = `mask ${r.area} px · mean uncertainty ${r.uncertainty.toFixed(3)}`;
     $("area").dataset.area = r.area;
+    area = r.area;
     app.last_seconds = r.seconds;
     showState(app);
     if ($("message").className === "error") message(app.proposal || "");
@@ -286,7 +289,12 @@ document.querySelectorAll("button.mode").forEach((b) => b.addEventListener("clic
 $("undo").addEventListener("click", undo);
 $("clear").addEventListener("click", () => change(() => { ints = empty(); }));
 $("overlay").addEventListener("change", draw);
-$("accept").addEventListener("click", () => step("/api/accept"));
+function accept() {
+  if (area === 0 && !window.confirm("The mask is empty. Accept it (nothing to segment in this image)?")) return;
+  step("/api/accept");
+}
+
+$("accept").addEventListener("click", accept);
 $("skip").addEventListener("click", () => step("/api/skip"));
 
 document.addEventListener("keydown", (ev) => {
@@ -296,7 +304,7 @@ document.addEventListener("keydown", (ev) => {
   else if (k === "z") undo();
   else if (k === "o") { $("overlay").checked = !$("overlay").checked; draw(); }
   else if (k === "s") step("/api/skip");
-  else if (k === "enter") step("/api/accept");
+  else if (k === "enter") accept();
   else return;
   ev.preventDefault();
 });
