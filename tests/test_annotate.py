@@ -293,3 +293,39 @@ def test_cli_plugin_is_declared_and_light():
     code = "import sys, segicl.annotate.app; print(sorted(m for m in ('torch', 'faiss', 'diffusers') if m in sys.modules))"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           cwd=REPO).stdout.strip() == "[]"
+
+
+def test_volume_slice_by_slice(tmp_path):
+    """A NIfTI volume in the folder is annotated slice by slice (stems <volume>_s<index>); once every
+    slice is accepted its mask is written as NIfTI on the volume's grid; export keeps the slices."""
+    from segicl.annotate.export import export_session
+    from segicl.data import load_dataset
+    from segicl.volumes import label_slices, read_label_volume, read_volume
+    from tests.volume_files import phantom, write_nifti
+
+    folder = tmp_path / "images"
+    write_images(folder, n=1, bad=False)
+    write_nifti(folder / "ct.nii.gz", phantom()[0])
+    (folder / "bad.nii.gz").write_bytes(b"not a volume")
+    out = tmp_path / "out"
+    with serve(folder, out) as (url, app):
+        s = get(url + "api/state")
+        slices = [n for n in s["images"] if n.startswith("ct_s")]
+        assert len(slices) == 9 and slices[0] == "ct_s000" and s["images"][-1] == "img00.png"
+        assert [e["file"] for e in s["errors"]] == ["bad.nii.gz"]
+        first = Image.open(__import__("io").BytesIO(get(url + "api/image?name=ct_s004")))
+        assert first.mode == "L"
+        for i, n in enumerate(slices):
+            assert not (out / "masks" / "ct.nii.gz").exists()
+            s = post(url + "api/accept", {"image": n, "interactions": {"boxes": [[1, 1, 3 + i, 5]]}})
+            assert s["saved"] == str(out / "masks" / f"{n}.png")
+        session = app.session
+    vol = read_volume(folder / "ct.nii.gz")
+    lab = read_label_volume(out / "masks" / "ct.nii.gz", like=vol)  # same grid, checked
+    stack = label_slices(lab, session.items["ct_s000"].axis)
+    assert stack.shape[0] == 9 and set(np.unique(stack)) == {0, 1}
+    for i, n in enumerate(slices):
+        assert np.array_equal(stack[i] > 0, read_mask(out / "masks" / f"{n}.png"))
+    ds = load_dataset(export_session(session, tmp_path / "export", "segicl"), verify=True)
+    assert sorted(ds.stems("all")) == sorted(slices) and ds.group("ct_s003") == "ct"
+    assert ds.read_image("ct_s004").size == first.size

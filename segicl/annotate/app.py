@@ -148,18 +148,12 @@ class Annotator:
     # ------------------------------------------------------------------------------ images
     def image(self, name: str):
         """The decoded image (L or RGB), or None when it fails to decode (it is then left out, with an error)."""
-        from segicl.data.dataset import DataError, open_image
-
         if name in self._images:
             self._images.move_to_end(name)
             return self._images[name]
-        try:
-            img = open_image(self.session.image_path(name))
-        except DataError as exc:
-            self.session.drop(name, str(exc))
+        img = self.session.load_image(name)
+        if img is None:
             return None
-        if img.mode not in ("L", "RGB"):
-            img = img.convert("RGB")
         self._images[name] = img
         while len(self._images) > 8:
             self._images.popitem(last=False)
@@ -360,7 +354,8 @@ class AppServer(ThreadingHTTPServer):
 
 # ---------------------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    parser.add_argument("images", type=Path, metavar="IMAGES_DIR", help="folder of PNG / JPEG images to segment")
+    parser.add_argument("images", type=Path, metavar="IMAGES_DIR",
+                        help="folder of PNG / JPEG images (and NIfTI volumes, slice by slice) to segment")
     parser.add_argument("--out", type=Path, required=True, metavar="OUT_DIR",
                         help="where masks/<stem>.png and session.json go (reopen it to resume)")
     parser.add_argument("--text", default=None, help="what to segment, e.g. 'the polyp' (kept in the session)")

@@ -1,7 +1,8 @@
 """Export the accepted masks of an annotation session as a dataset.
 
 ``segicl``: the project's dataset layout (``../shared/data/README.md``; read back by
-:func:`segicl.data.load_dataset`): ``images/`` (the original files, byte for byte), ``masks/<stem>.png``
+:func:`segicl.data.load_dataset`): ``images/`` (the original files, byte for byte; a volume's slices as
+the 8-bit PNGs the page showed, grouped by volume), ``masks/<stem>.png``
 (0 / 255), ``dataset.json`` with one label (255) and every accepted image in the ``train`` split.
 ``nnunet``: that layout converted by :func:`segicl.data.nnunet.to_nnunet` (the converter of
 ``segicl data convert``), i.e. a 2D nnU-Net v2 raw dataset (imagesTr/, labelsTr/, dataset.json).
@@ -26,6 +27,7 @@ FORMATS = ("segicl", "nnunet")
 def write_segicl_layout(session: Session, dest: Path, label: str, modality: str = "unknown") -> Path:
     """The accepted images and masks as a dataset folder of the project's layout (written atomically)."""
     from segicl.io import atomic_directory
+    from segicl.volumes import volume_stem
 
     names = [n for n in session.accepted if n in session.paths]
     if not names:
@@ -35,17 +37,27 @@ def write_segicl_layout(session: Session, dest: Path, label: str, modality: str 
         (tmp / "images").mkdir()
         (tmp / "masks").mkdir()
         for name in names:
-            src = session.image_path(name)
-            with Image.open(src) as im:
-                modes.add("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
-            suffixes.add(src.suffix)
-            shutil.copyfile(src, tmp / "images" / src.name)
-            shutil.copyfile(session.mask_path(name), tmp / "masks" / f"{src.stem}.png")
+            item = session.items[name]
+            if item.index is None:  # a 2D file: copied as it is
+                with Image.open(item.path) as im:
+                    modes.add("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
+                suffixes.add(item.path.suffix)
+                shutil.copyfile(item.path, tmp / "images" / item.path.name)
+            else:  # a volume's slice: the 8-bit slice the page showed
+                img = session.load_image(name)
+                if img is None:
+                    raise SessionError(f"{item.path}: unreadable volume; cannot export {name}")
+                modes.add(img.mode)
+                suffixes.add(".png")
+                img.save(tmp / "images" / f"{item.stem}.png", format="PNG")
+            shutil.copyfile(session.mask_path(name), tmp / "masks" / f"{item.stem}.png")
         meta = {"name": dest.name, "modality": modality,
                 "description": f"Annotated with segicl annotate from {session.images_dir}"
                                + (f" ({session.text})" if session.text else ""),
                 "image_mode": "L" if modes == {"L"} else "RGB",
-                "labels": {"255": label}, "splits": {"train": [Path(n).stem for n in names]}, "groups": {},
+                "labels": {"255": label}, "splits": {"train": [session.items[n].stem for n in names]},
+                "groups": {session.items[n].stem: volume_stem(session.items[n].path) for n in names
+                           if session.items[n].index is not None},
                 "source": {"segicl_annotate": str(session.images_dir)}}
         if len(suffixes) == 1:
             meta["image_ext"] = suffixes.pop()

@@ -6,6 +6,8 @@ Files under OUT_DIR::
                         current (file name) and its pending interactions (Interactions.to_dict()),
                         done: the interactions each accepted mask was made with (reopening it restores them)
     masks/<stem>.png    one accepted mask per image: 8-bit, 0 background / 255 foreground, image size
+                        (a volume's slices: <volume stem>_s<index>, as ``segicl data convert`` names them)
+    masks/<volume stem>.nii.gz   a volume's mask (0 / 1 on its voxel grid), once all its slices are accepted
 
 Every write goes through :func:`segicl.io.atomic_file` (temporary file beside the target, fsync,
 ``os.replace``, then the folder is fsynced), so a killed process leaves either the old or the new file,
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -60,28 +64,57 @@ def read_mask(path: Path) -> np.ndarray:
     return arr > 0
 
 
-def scan_images(images_dir: Path) -> tuple[list[Path], list[dict]]:
-    """PNG / JPEG files of ``images_dir`` sorted by name, and an error entry per file left out
+@dataclass(frozen=True)
+class Item:
+    """One image to annotate: a 2D file, or slice ``index`` of a volume file along ``axis``."""
+
+    name: str  # the key in the session, the page and the context: the file name, or <volume stem>_s<index>
+    stem: str  # masks/<stem>.png
+    path: Path
+    index: int | None = None
+    axis: int | None = None
+
+
+def _volume_items(p: Path) -> list[Item]:
+    from segicl.volumes import read_geometry, slice_axis, volume_stem
+
+    shape, affine = read_geometry(p)
+    axis = slice_axis(affine)
+    n = shape[axis]
+    width = max(3, len(str(n - 1)))  # the stems of segicl data convert (nnunet_to_2d)
+    return [Item(f"{volume_stem(p)}_s{i:0{width}d}", f"{volume_stem(p)}_s{i:0{width}d}", p, i, axis) for i in range(n)]
+
+
+def scan_images(images_dir: Path) -> tuple[list[Item], list[dict]]:
+    """PNG / JPEG files of ``images_dir`` sorted by name, each volume file (NIfTI; MetaImage / NRRD with
+    SimpleITK) as its slices along its lowest-resolution axis, and an error entry per file left out
     (unreadable, or a stem another file already has: their masks would share one file name)."""
     from segicl.data.dataset import DataError, open_image
+    from segicl.volumes import VOLUME_EXTS
 
-    good: list[Path] = []
+    good: list[Item] = []
     errors: list[dict] = []
     stems: dict[str, str] = {}
     for p in sorted(images_dir.iterdir()):
-        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            continue
-        if p.stem in stems:
-            errors.append({"file": p.name, "error": f"same stem as {stems[p.stem]} (both masks would be "
-                                                    f"masks/{p.stem}.png); rename one"})
+        volume = p.name.lower().endswith(VOLUME_EXTS)
+        if p.name.startswith(".") or not p.is_file() or not (volume or p.suffix.lower() in IMAGE_SUFFIXES):
             continue
         try:
-            open_image(p, decode=False)
-        except DataError as exc:
+            if volume:
+                items = _volume_items(p)
+            else:
+                open_image(p, decode=False)
+                items = [Item(p.name, p.stem, p)]
+        except (DataError, ValueError) as exc:  # VolumeError is a ValueError
             errors.append({"file": p.name, "error": str(exc)})
             continue
-        stems[p.stem] = p.name
-        good.append(p)
+        clash = next((it.stem for it in items if it.stem in stems), None)
+        if clash is not None:
+            errors.append({"file": p.name, "error": f"same stem as {stems[clash]} (both masks would be "
+                                                    f"masks/{clash}.png); rename one"})
+            continue
+        stems.update((it.stem, p.name) for it in items)
+        good.extend(items)
     return good, errors
 
 
@@ -96,12 +129,14 @@ class Session:
             raise SessionError(f"{images_dir}: not a folder")
         if order is not None and order not in ORDERS:
             raise SessionError(f"order must be one of {ORDERS}, got {order!r}")
-        paths, self.errors = scan_images(self.images_dir)
-        if not paths:
-            raise SessionError(f"{self.images_dir}: no readable PNG or JPEG images"
+        items, self.errors = scan_images(self.images_dir)
+        if not items:
+            raise SessionError(f"{self.images_dir}: no readable PNG or JPEG images or volumes"
                                + (f" ({len(self.errors)} left out: {self.errors[0]['error']})" if self.errors else ""))
-        self.paths = {p.name: p for p in paths}
-        self.names = [p.name for p in paths]
+        self.items = {it.name: it for it in items}
+        self.paths = {it.name: it.path for it in items}
+        self.names = [it.name for it in items]
+        self._volumes: OrderedDict[Path, tuple] = OrderedDict()
         self.notes: list[str] = []
         self.accepted: list[str] = []
         self.skipped: list[str] = []
@@ -129,10 +164,44 @@ class Session:
         return self.out_dir / MASKS_DIR
 
     def mask_path(self, name: str) -> Path:
-        return self.masks_dir / f"{Path(name).stem}.png"
+        item = self.items.get(name)
+        return self.masks_dir / f"{item.stem if item else Path(name).stem}.png"
 
     def image_path(self, name: str) -> Path:
+        """The image's file (for a slice: its volume's)."""
         return self.paths.get(name) or self.images_dir / name
+
+    def volume_mask_path(self, path: Path) -> Path:
+        from segicl.volumes import volume_stem
+
+        return self.masks_dir / f"{volume_stem(path)}.nii.gz"
+
+    def _volume(self, path: Path) -> tuple:
+        """(Volume, its 8-bit slices along the session's axis) of a volume file, cached for two volumes."""
+        from segicl.volumes import read_volume, volume_slices
+
+        if path not in self._volumes:
+            vol = read_volume(path)
+            axis = next(it.axis for it in self.items.values() if it.path == path)
+            self._volumes[path] = (vol, volume_slices(vol, axis))
+            while len(self._volumes) > 2:
+                self._volumes.popitem(last=False)
+        self._volumes.move_to_end(path)
+        return self._volumes[path]
+
+    def load_image(self, name: str):
+        """The decoded image (L or RGB PIL), or None when it fails to decode (it is then left out, with
+        the error listed)."""
+        from segicl.data.dataset import DataError, open_image
+
+        item = self.items[name]
+        try:
+            img = open_image(item.path) if item.index is None else self._volume(item.path)[1][item.index]
+        except (DataError, ValueError) as exc:
+            for n in [n for n, it in self.items.items() if it.path == item.path]:
+                self.drop(n, str(exc))
+            return None
+        return img if img.mode in ("L", "RGB") else img.convert("RGB")
 
     # ------------------------------------------------------------------------------ load / save
     def _load(self) -> None:
@@ -163,7 +232,7 @@ class Session:
     def _recover(self) -> None:
         """Reconcile session.json with masks/: a mask written by an accept whose session update was
         killed counts as accepted; an accepted entry whose mask file is gone is dropped (with a note)."""
-        by_stem = {Path(n).stem: n for n in self.names}
+        by_stem = {it.stem: n for n, it in self.items.items()}
         stale = [*self.out_dir.glob(f".{SESSION_FILE}.*"), *self.masks_dir.glob(".*.png")]
         for p in stale:  # temporary files of atomic writes that a kill interrupted (hidden names)
             p.unlink(missing_ok=True)
@@ -228,12 +297,30 @@ class Session:
         if name not in self.accepted:
             self.accepted.append(name)
         self.done[name] = dict(interactions or {})
+        if self.items[name].index is not None:
+            self._write_volume_mask(self.items[name].path)
         if name in self.skipped:
             self.skipped.remove(name)
         if name == self.current:
             self.current, self.pending = None, {}
         self.save()
         return path
+
+    def _write_volume_mask(self, path: Path) -> Path | None:
+        """masks/<volume stem>.nii.gz on the volume's grid (:func:`segicl.volumes.write_like`), once every
+        slice of the volume is accepted (rewritten when one is accepted again)."""
+        from segicl.volumes import stack_slices, write_like
+
+        slices = sorted((it.index, n) for n, it in self.items.items() if it.path == path)
+        done = set(self.accepted)
+        if not all(n in done for _, n in slices):
+            return None
+        axis = next(it.axis for it in self.items.values() if it.path == path)
+        vol = self._volume(path)[0]
+        stack = np.stack([read_mask(self.mask_path(n)) for _, n in slices]).astype(np.uint8)
+        out = write_like(vol, stack_slices(stack, vol.affine, axis), self.volume_mask_path(path))
+        fsync_dir(out.parent)
+        return out
 
     def skip(self, name: str) -> None:
         if name not in self.skipped:
@@ -243,7 +330,7 @@ class Session:
     def drop(self, name: str, error: str) -> None:
         """Leave out an image that failed to decode when opened (listed in :attr:`errors`)."""
         if name in self.paths:
-            del self.paths[name]
+            del self.paths[name], self.items[name]
             self.names.remove(name)
             self.errors.append({"file": name, "error": error})
             if self.current == name:

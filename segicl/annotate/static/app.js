@@ -289,8 +289,13 @@ document.querySelectorAll("button.mode").forEach((b) => b.addEventListener("clic
 $("undo").addEventListener("click", undo);
 $("clear").addEventListener("click", () => change(() => { ints = empty(); }));
 $("overlay").addEventListener("change", draw);
+let emptyConfirmed = false; // asked once per page: a volume has many empty slices
+
 function accept() {
-  if (area === 0 && !window.confirm("The mask is empty. Accept it (nothing to segment in this image)?")) return;
+  if (area === 0 && !emptyConfirmed) {
+    if (!window.confirm("The mask is empty. Accept it (nothing to segment in this image)? Not asked again.")) return;
+    emptyConfirmed = true;
+  }
   step("/api/accept");
 }
 
