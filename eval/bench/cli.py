@@ -13,6 +13,8 @@ BENCHMARKS = {
                   "support-store embedders compared by the Dice of segmentation with the supports they retrieve"),
     "folds": ("eval.bench.bench_folds",
               "leave-dataset-group-out: train stage 1 per fold, score the held-out datasets in context"),
+    "interactive": ("eval.bench.bench_interactive",
+                    "a robot user segments datasets image after image: interactions per image with and without a growing context"),
     "perf": ("eval.bench.bench_perf",
              "latency breakdown, throughput, alternatives, store, training steps/s and cost curves (CSV + Markdown + PNG)"),
 }
