@@ -40,6 +40,7 @@ function message(text, isError) {
   const m = $("message");
   m.textContent = text ? "· " + text : "";
   m.className = isError ? "error" : "";
+  m.dataset.hint = text && text.startsWith("nothing to go on") ? "1" : "";
 }
 
 // ------------------------------------------------------------------------------ state and images
@@ -110,7 +111,11 @@ async function predict() {
     area = r.area;
     app.last_seconds = r.seconds;
     showState(app);
-    if ($("message").className === "error") message(app.proposal || "");
+    if (r.area === 0 && app.context === 0 && !KINDS.some((k) => ints[k].length)) {
+      message("nothing to go on yet: click on the structure, or drag a box around it (Box mode)");
+    } else if ($("message").className === "error" || $("message").dataset.hint) {
+      message(app.proposal || "");
+    }
     draw();
   } catch (e) {
     message(e.message, true);
