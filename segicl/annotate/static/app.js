@@ -4,7 +4,8 @@
 "use strict";
 
 const KINDS = ["pos_points", "neg_points", "boxes", "pos_scribbles", "neg_scribbles"];
-const COLORS = { pos: "#35d46a", neg: "#ff5252", box: "#ffd54f", mask: [45, 140, 255] };
+const COLORS = { pos: "#35d46a", neg: "#ff5252", box: "#ffd54f", mask: [0, 229, 255] };
+const FILL_ALPHA = 90;   // of 255: the mask's inside; its outline is opaque
 const ERASE_RADIUS = 12; // screen pixels
 
 const $ = (id) => document.getElementById(id);
@@ -133,10 +134,19 @@ async function colourMask(dataUrl) {
   const g = c.getContext("2d");
   g.drawImage(m, 0, 0);
   const px = g.getImageData(0, 0, c.width, c.height);
+  const w = c.width, h = c.height, d = px.data;
+  const on = new Uint8Array(w * h);
+  for (let i = 0; i < w * h; i++) on[i] = d[4 * i] > 127 ? 1 : 0;
   const [r, gr, b] = COLORS.mask;
-  for (let i = 0; i < px.data.length; i += 4) {
-    const on = px.data[i] > 127;
-    px.data[i] = r; px.data[i + 1] = gr; px.data[i + 2] = b; px.data[i + 3] = on ? 255 : 0;
+  for (let y = 0; y < h; y++) {
+    for (let x = 0; x < w; x++) {
+      const i = y * w + x;
+      // the outline (a foreground pixel beside background or the border) opaque, the inside translucent
+      const edge = on[i] && (x === 0 || y === 0 || x === w - 1 || y === h - 1 ||
+        !on[i - 1] || !on[i + 1] || !on[i - w] || !on[i + w]);
+      d[4 * i] = r; d[4 * i + 1] = gr; d[4 * i + 2] = b;
+      d[4 * i + 3] = edge ? 255 : on[i] ? FILL_ALPHA : 0;
+    }
   }
   g.putImageData(px, 0, 0);
   return c;
@@ -148,11 +158,7 @@ function draw() {
   ctx.imageSmoothingEnabled = scale < 1;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
   ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
-  if (maskCanvas && $("overlay").checked) {
-    ctx.globalAlpha = 0.45;
-    ctx.drawImage(maskCanvas, 0, 0, canvas.width, canvas.height);
-    ctx.globalAlpha = 1;
-  }
+  if (maskCanvas && $("overlay").checked) ctx.drawImage(maskCanvas, 0, 0, canvas.width, canvas.height);
   const sx = (p) => (p[1] + 0.5) * scale, sy = (p) => (p[0] + 0.5) * scale;
   const dot = (p, colour) => {
     ctx.beginPath(); ctx.arc(sx(p), sy(p), 5, 0, 2 * Math.PI);
