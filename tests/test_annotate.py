@@ -329,3 +329,18 @@ def test_volume_slice_by_slice(tmp_path):
     ds = load_dataset(export_session(session, tmp_path / "export", "segicl"), verify=True)
     assert sorted(ds.stems("all")) == sorted(slices) and ds.group("ct_s003") == "ct"
     assert ds.read_image("ct_s004").size == first.size
+
+
+def test_16_bit_images_are_windowed_not_clipped(tmp_path):
+    from segicl.annotate.export import export_session
+    from segicl.data import load_dataset
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray((np.arange(SIZE * SIZE).reshape(SIZE, SIZE) * 12).astype(np.uint16)).save(folder / "deep.png")
+    with serve(folder, tmp_path / "out") as (url, app):
+        shown = np.asarray(Image.open(__import__("io").BytesIO(get(url + "api/image?name=deep.png"))))
+        assert shown.dtype == np.uint8 and shown.min() == 0 and shown.max() == 255 and 100 < shown.mean() < 155
+        post(url + "api/accept", {"image": "deep.png", "interactions": {"pos_points": [[32, 32]]}})
+        ds = load_dataset(export_session(app.session, tmp_path / "export"), verify=True)
+    assert ds.image_mode == "L" and np.array_equal(np.asarray(ds.read_image("deep")), shown)

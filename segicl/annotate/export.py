@@ -1,8 +1,8 @@
 """Export the accepted masks of an annotation session as a dataset.
 
 ``segicl``: the project's dataset layout (``../shared/data/README.md``; read back by
-:func:`segicl.data.load_dataset`): ``images/`` (the original files, byte for byte; a volume's slices as
-the 8-bit PNGs the page showed, grouped by volume), ``masks/<stem>.png``
+:func:`segicl.data.load_dataset`): ``images/`` (8-bit files byte for byte; a volume's slices and 16-bit,
+float or palette images as the 8-bit PNGs the page showed; slices grouped by volume), ``masks/<stem>.png``
 (0 / 255), ``dataset.json`` with one label (255) and every accepted image in the ``train`` split.
 ``nnunet``: that layout converted by :func:`segicl.data.nnunet.to_nnunet` (the converter of
 ``segicl data convert``), i.e. a 2D nnU-Net v2 raw dataset (imagesTr/, labelsTr/, dataset.json).
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 from PIL import Image
@@ -38,12 +39,13 @@ def write_segicl_layout(session: Session, dest: Path, label: str, modality: str 
         (tmp / "masks").mkdir()
         for name in names:
             item = session.items[name]
-            if item.index is None:  # a 2D file: copied as it is
-                with Image.open(item.path) as im:
-                    modes.add("L" if im.mode in ("L", "I", "I;16", "1") else "RGB")
+            with Image.open(item.path) if item.index is None else nullcontext() as im:
+                as_is = im is not None and im.mode in ("L", "RGB")
+            if as_is:  # an 8-bit 2D file: copied byte for byte
+                modes.add(im.mode)
                 suffixes.add(item.path.suffix)
                 shutil.copyfile(item.path, tmp / "images" / item.path.name)
-            else:  # a volume's slice: the 8-bit slice the page showed
+            else:  # a volume's slice, or a 16-bit / float / palette image: the 8-bit image the page showed
                 img = session.load_image(name)
                 if img is None:
                     raise SessionError(f"{item.path}: unreadable volume; cannot export {name}")

@@ -64,6 +64,19 @@ def read_mask(path: Path) -> np.ndarray:
     return arr > 0
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """An image as the model and the page see it: L or RGB; 16-bit and float images are mapped to 8 bits
+    by the 0.5-99.5 percentiles (:func:`segicl.volumes.window_range`; PIL's own conversion clips them)."""
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode.startswith(("I", "F")):
+        from segicl.volumes import to_uint8, window_range
+
+        arr = np.asarray(img, dtype=np.float32)
+        return Image.fromarray(to_uint8(arr, *window_range(arr)), mode="L")
+    return img.convert("L" if img.mode in ("1", "LA") else "RGB")
+
+
 @dataclass(frozen=True)
 class Item:
     """One image to annotate: a 2D file, or slice ``index`` of a volume file along ``axis``."""
@@ -201,7 +214,7 @@ class Session:
             for n in [n for n, it in self.items.items() if it.path == item.path]:
                 self.drop(n, str(exc))
             return None
-        return img if img.mode in ("L", "RGB") else img.convert("RGB")
+        return to_8bit(img)
 
     # ------------------------------------------------------------------------------ load / save
     def _load(self) -> None:
