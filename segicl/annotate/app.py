@@ -42,7 +42,7 @@ from urllib.parse import parse_qs, urlparse
 
 import numpy as np
 
-from segicl.annotate.state import ORDERS, Session, SessionError, mask_png
+from segicl.annotate.state import ORDERS, Session, SessionError, mask_png, read_mask
 
 HOST = "127.0.0.1"
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -100,15 +100,11 @@ def clean_interactions(d: dict | None, hw: tuple[int, int]) -> dict:
 
 
 def default_backend(text: str):
-    """The training-free interactive segmenter of :mod:`segicl.interactive` and its ``Interactions``."""
-    import dataclasses
-
+    """The training-free interactive segmenter of :mod:`segicl.interactive` and its ``Interactions``
+    (``text`` is not used by it: it is kept in the session and names the exported label)."""
     from segicl.interactive import Interactions, InteractiveConfig, InteractiveSegmenter
 
-    cfg = InteractiveConfig()
-    if text and any(f.name == "text" for f in dataclasses.fields(cfg)):
-        cfg = dataclasses.replace(cfg, text=text)
-    return InteractiveSegmenter(cfg), Interactions.from_dict
+    return InteractiveSegmenter(InteractiveConfig()), Interactions.from_dict
 
 
 class Annotator:
@@ -130,6 +126,7 @@ class Annotator:
         self.proposal = ""  # why the open image was proposed (--order uncertain)
         self._images: OrderedDict[str, object] = OrderedDict()
         self._last: tuple | None = None  # (key, output) of the last prediction
+        self._context_version = 0  # bumped by every add_context (re-accepting replaces an entry)
         if session.accepted:
             print(f"segicl annotate: adding the {len(session.accepted)} accepted masks to the context ...", flush=True)
         for name in list(session.accepted):
@@ -137,13 +134,15 @@ class Annotator:
                 session.notes.append(f"{name}: accepted, but the image is no longer in {session.images_dir}; "
                                      "not in the context")
                 continue
-            from segicl.annotate.state import read_mask
-
             image = self.image(name)
             if image is not None:
-                self.segmenter.add_context(image, read_mask(session.mask_path(name)), key=name)
+                self._add_context(name, image, read_mask(session.mask_path(name)))
         if session.current is None:
             self.advance(None)
+
+    def _add_context(self, name: str, image, mask: np.ndarray) -> None:
+        self.segmenter.add_context(image, mask, key=name)
+        self._context_version += 1
 
     # ------------------------------------------------------------------------------ images
     def image(self, name: str):
@@ -181,7 +180,7 @@ class Annotator:
         if img is None:
             raise SessionError(f"{name}: unreadable image (left out)")
         ints = clean_interactions(interactions, (img.height, img.width))
-        key = (name, json.dumps(ints, sort_keys=True), tuple(self.segmenter.context_keys))
+        key = (name, json.dumps(ints, sort_keys=True), self._context_version)
         if self._last is not None and self._last[0] == key:
             return ints, self._last[1]
         t0 = time.perf_counter()
@@ -241,7 +240,7 @@ class Annotator:
         ints, out = self.predict(name, body.get("interactions"))
         mask = np.asarray(out.mask, bool)
         path = self.session.accept(name, mask, ints)
-        self.segmenter.add_context(self.image(name), mask, key=name)
+        self._add_context(name, self.image(name), mask)
         self.advance(name)
         return {**self.state(), "saved": str(path)}
 
