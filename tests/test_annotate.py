@@ -154,6 +154,8 @@ def test_refuses_another_images_folder_and_foreign_masks(images, tmp_path):
     assert (foreign / "masks" / "x.png").read_bytes() == b""
     with pytest.raises(SessionError, match="no readable PNG or JPEG"):
         Session(tmp_path / "out", tmp_path / "out2")
+    with pytest.raises(SessionError, match="did you mean .*images"):  # a dataset folder instead of its images/
+        Session(tmp_path, tmp_path / "out3")
 
 
 def test_mask_without_session_entry_is_recovered(images, tmp_path):
@@ -344,3 +346,18 @@ def test_16_bit_images_are_windowed_not_clipped(tmp_path):
         post(url + "api/accept", {"image": "deep.png", "interactions": {"pos_points": [[32, 32]]}})
         ds = load_dataset(export_session(app.session, tmp_path / "export"), verify=True)
     assert ds.image_mode == "L" and np.array_equal(np.asarray(ds.read_image("deep")), shown)
+
+
+def test_an_image_that_fails_to_decode_is_left_out_not_fatal(images, tmp_path):
+    folder, names = images
+    data = (folder / names[0]).read_bytes()
+    (folder / names[0]).write_bytes(data[: len(data) // 2])  # a valid header, truncated pixels
+    with serve(folder, tmp_path / "out") as (url, app):
+        assert get(url + "api/state")["current"] == names[0]  # the header check passes
+        with pytest.raises(urllib.error.HTTPError) as e:
+            post(url + "api/predict", {"image": names[0], "interactions": {}})
+        assert e.value.code == 400 and "left out" in json.loads(e.value.read())["error"]
+        s = get(url + "api/state")
+        assert s["current"] == names[1] and names[0] not in s["images"]
+        assert [e["file"] for e in s["errors"]] == ["broken.png", names[0]] and "truncated" in s["errors"][1]["error"]
+        assert post(url + "api/accept", {"image": names[1], "interactions": {}})["current"] == names[2]

@@ -178,7 +178,9 @@ class Annotator:
         self._check(name)
         img = self.image(name)
         if img is None:
-            raise SessionError(f"{name}: unreadable image (left out)")
+            if self.session.current is None:
+                self.advance(name)
+            raise SessionError(f"{name}: unreadable image, left out (see the list of left-out files)")
         ints = clean_interactions(interactions, (img.height, img.width))
         key = (name, json.dumps(ints, sort_keys=True), self._context_version)
         if self._last is not None and self._last[0] == key:

@@ -144,8 +144,10 @@ class Session:
             raise SessionError(f"order must be one of {ORDERS}, got {order!r}")
         items, self.errors = scan_images(self.images_dir)
         if not items:
+            hint = f"; did you mean {self.images_dir / 'images'}?" if (self.images_dir / "images").is_dir() else ""
             raise SessionError(f"{self.images_dir}: no readable PNG or JPEG images or volumes"
-                               + (f" ({len(self.errors)} left out: {self.errors[0]['error']})" if self.errors else ""))
+                               + (f" ({len(self.errors)} left out: {self.errors[0]['error']})" if self.errors else "")
+                               + hint)
         self.items = {it.name: it for it in items}
         self.paths = {it.name: it.path for it in items}
         self.names = [it.name for it in items]
@@ -211,8 +213,7 @@ class Session:
         try:
             img = open_image(item.path) if item.index is None else self._volume(item.path)[1][item.index]
         except (DataError, ValueError) as exc:
-            for n in [n for n, it in self.items.items() if it.path == item.path]:
-                self.drop(n, str(exc))
+            self.drop([n for n, it in self.items.items() if it.path == item.path], item.path.name, str(exc))
             return None
         return to_8bit(img)
 
@@ -340,12 +341,15 @@ class Session:
             self.skipped.append(name)
         self.save()
 
-    def drop(self, name: str, error: str) -> None:
-        """Leave out an image that failed to decode when opened (listed in :attr:`errors`)."""
-        if name in self.paths:
-            del self.paths[name], self.items[name]
-            self.names.remove(name)
-            self.errors.append({"file": name, "error": error})
-            if self.current == name:
-                self.current, self.pending = None, {}
-            self.save()
+    def drop(self, names: list[str], file: str, error: str) -> None:
+        """Leave out images that failed to decode when opened (one entry per file in :attr:`errors`)."""
+        names = [n for n in names if n in self.paths]  # (kept in self.items: an accepted mask keeps its name)
+        if not names:
+            return
+        for n in names:
+            del self.paths[n]
+            self.names.remove(n)
+        self.errors.append({"file": file, "error": error})
+        if self.current in names:
+            self.current, self.pending = None, {}
+        self.save()

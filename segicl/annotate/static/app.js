@@ -119,6 +119,11 @@ async function predict() {
     }
     draw();
   } catch (e) {
+    if (e.message.includes("left out")) {  // the image failed to decode: the server moved on
+      await open(await api("/api/state"));
+      message(e.message, true);
+      return;
+    }
     message(e.message, true);
   } finally {
     if (mine === seq) document.body.dataset.busy = "0";
