@@ -103,6 +103,9 @@ def test_accept_writes_mask_grows_context_and_moves_on(images, tmp_path):
         # the next image starts from the context (the stand-in returns the context masks' union)
         nxt = post(url + "api/predict", {"image": names[1], "interactions": {}})
         assert np.array_equal(decode_mask(nxt["mask"]), predicted)
+        with pytest.raises(urllib.error.HTTPError) as e:  # a double click: the second accept finds names[1] open
+            post(url + "api/accept", {"image": names[0], "interactions": ints})
+        assert e.value.code == 409 and "not the open image" in json.loads(e.value.read())["error"]
         s = post(url + "api/skip", {"image": names[1]})
         assert s["current"] == names[2] and s["skipped"] == [names[1]]
         s = post(url + "api/goto", {"image": names[0]})  # an accepted image reopens with its interactions

@@ -19,7 +19,8 @@ API (all JSON unless said)::
     POST /api/predict           {"image": N, "interactions": {...}} -> {"mask": "data:image/png;base64,...",
                                 "seconds", "area", "uncertainty"}; the interactions are kept as pending
     POST /api/accept            {"image": N, "interactions": {...}} -> writes masks/<stem>.png, adds it to
-                                the context, opens the next image; returns the new state
+                                the context, opens the next image; returns the new state (N must be the
+                                open image, else 409: a double click does not accept twice)
     POST /api/skip              {"image": N} -> opens the next image; returns the new state
     POST /api/goto              {"image": N} -> opens image N (an accepted one with the interactions it was
                                 accepted with; accepting it again replaces its mask); returns the new state
@@ -97,6 +98,10 @@ def clean_interactions(d: dict | None, hw: tuple[int, int]) -> dict:
         else:
             out[key] = [[point(p) for p in s] for s in items if isinstance(s, list) and s]
     return out
+
+
+class StaleRequest(SessionError):
+    """An accept or skip of an image that is not the open one (HTTP 409)."""
 
 
 def default_backend(text: str):
@@ -237,8 +242,16 @@ class Annotator:
                 "seconds": self.last_seconds, "area": int(mask.sum()),
                 "uncertainty": float(np.mean(out.uncertainty)), "interactions": ints}
 
+    def _open_only(self, name: str) -> None:
+        """Accept and skip act on the open image only: a second click that arrives after the first moved
+        on, or a stale second tab, must not accept or skip another time."""
+        self._check(name)
+        if name != self.session.current:
+            raise StaleRequest(f"{name} is not the open image ({self.session.current}); reload the page")
+
     def api_accept(self, body: dict) -> dict:
         name = str(body.get("image"))
+        self._open_only(name)
         ints, out = self.predict(name, body.get("interactions"))
         mask = np.asarray(out.mask, bool)
         path = self.session.accept(name, mask, ints)
@@ -254,7 +267,7 @@ class Annotator:
 
     def api_skip(self, body: dict) -> dict:
         name = str(body.get("image"))
-        self._check(name)
+        self._open_only(name)
         self.session.skip(name)
         self.advance(name)
         return self.state()
@@ -333,6 +346,8 @@ class Handler(BaseHTTPRequestHandler):
                 raise ValueError("the body must be a JSON object")
             with self.server.app.lock:
                 result = route(self.server.app, body)
+        except StaleRequest as exc:
+            return self._json({"error": str(exc)}, HTTPStatus.CONFLICT)
         except (ValueError, TypeError) as exc:  # SessionError, bad JSON, bad interactions
             return self._json({"error": str(exc)}, HTTPStatus.BAD_REQUEST)
         except Exception as exc:  # the model failed: say so, keep serving

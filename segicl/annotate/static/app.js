@@ -288,14 +288,19 @@ function setMode(m) {
   document.querySelectorAll("button.mode").forEach((b) => b.classList.toggle("active", b.dataset.mode === m));
 }
 
+let stepping = false;     // an accept / skip / goto in flight: further ones wait for it
+
 async function step(path, extra) {
-  if (name === null) return;
+  if (name === null || stepping) return;
+  stepping = true;
   document.body.dataset.busy = "1";
   try {
     await open(await api(path, Object.assign({ image: name, interactions: ints }, extra || {})));
   } catch (e) {
     message(e.message, true);
     document.body.dataset.busy = "0";
+  } finally {
+    stepping = false;
   }
 }
 
