@@ -61,6 +61,8 @@ function showState(s) {
     li.addEventListener("click", () => goto(n));
     return li;
   }));
+  const cur = list.querySelector(".current");
+  if (cur) cur.scrollIntoView({ block: "nearest" });
   fillList("errors", s.errors.map((e) => `${e.file}: ${e.error}`));
   fillList("notes", s.notes);
 }
