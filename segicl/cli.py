@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from importlib.metadata import entry_points
 
-ORDER = ["demo", "segment", "index", "evaluate", "train", "benchmark", "data"]
+ORDER = ["demo", "segment", "annotate", "index", "evaluate", "train", "benchmark", "data"]
 
 
 def build_parser() -> argparse.ArgumentParser:
