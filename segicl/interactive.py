@@ -139,7 +139,6 @@ class InteractiveConfig:
     click_radius: int = 1  # patches; a click's disc
     box_margin: float = 0.05  # a box marks what lies this fraction of its size outside it as background
     box_centre: float = 0.2  # ... and, with no positive mark, a disc of this fraction of its side at its centre foreground
-    keep_out: float = 0.1  # one-label interactions: the other label is seeded from the confident prior this far away
     beta: float = 1.0  # random-walker edge weight exp(-beta d^2 / mean d^2)
     prior_weight: float = 0.002  # random-walker weight of the (confidence-weighted) prior
     click_weight: float = 1.0  # weight of the vote over the query's labelled patches (logit space)
@@ -322,7 +321,6 @@ class InteractiveSegmenter:
         q = self._query(image, key)
         gh, gw = q.grid
         seeds = interactions.seeds(q.grid, (gh / image.height, gw / image.width), cfg.click_radius, cfg.box_margin)
-        user = seeds > 0
         if interactions.boxes and not (seeds == 1).any():  # a box alone: its centre is foreground
             for y0, x0, y1, x1 in interactions.boxes:
                 cy, cx, r = (y0 + y1) / 2, (x0 + x1) / 2, cfg.box_centre * min(y1 - y0 + 1, x1 - x0 + 1) / 2
@@ -340,7 +338,7 @@ class InteractiveSegmenter:
         prior = self._vote(q, torch.from_numpy(labelled), torch.from_numpy(seeds.ravel()))
         grid_prob = prior.view(q.grid).numpy()
         if cfg.random_walk and labelled.any():  # without interactions the vote is the answer
-            grid_prob = random_walk(q.colour, self._complete(seeds, user, grid_prob), grid_prob, cfg.prior_weight, cfg.beta)
+            grid_prob = random_walk(q.colour, seeds, grid_prob, cfg.prior_weight, cfg.beta)
         else:  # the labelled points keep their label
             grid_prob = np.where(seeds == 1, 1.0, np.where(seeds == 2, 0.0, grid_prob)).astype(np.float32)
         from segicl.data.transforms import resize_prob
@@ -348,20 +346,6 @@ class InteractiveSegmenter:
         prob = resize_prob(grid_prob, (image.height, image.width)).clip(0, 1)
         return InteractiveOutput(prob, prob > cfg.threshold, np.sqrt(prob * (1 - prob)).astype(np.float32),
                                  time.perf_counter() - t0, list(q.used))
-
-    def _complete(self, seeds: np.ndarray, user: np.ndarray, prior: np.ndarray) -> np.ndarray:
-        """Seeds of both labels for the random walker: when the interactions mark one label only, the
-        other is taken where the context prior is confident of it (>= 0.9 or <= 0.1) farther than
-        ``keep_out`` x the grid's longer side from every interaction. Without this one negative click
-        on a confident prior flooded the whole image to background (HC18 val: Dice 0.85 -> 0.06)."""
-        from scipy import ndimage
-
-        has_fg, has_bg = (seeds == 1).any(), (seeds == 2).any()
-        if has_fg == has_bg:
-            return seeds
-        far = ndimage.distance_transform_edt(~user) > self.config.keep_out * max(seeds.shape)
-        fill = far & (seeds == 0) & ((prior >= 0.9) if has_bg else (prior <= 0.1))
-        return np.where(fill, 1 if has_bg else 2, seeds).astype(np.int8)
 
     def _vote(self, q: _Query, labelled: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """The prior: the balanced vote over the cached context top-k, and, when the interactions mark

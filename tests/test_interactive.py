@@ -70,6 +70,8 @@ def test_a_click_segments_the_structure_under_it():
     assert out.mask[40, 40] and _dice(out.mask, mask) > 0.85
     moved = seg.predict(img, Interactions(pos_points=[(80, 95)]), key="q")  # a click on the background
     assert moved.mask[80, 95] and not moved.mask[40, 40]
+    boxed = seg.predict(img, Interactions(boxes=[(24, 24, 56, 56)]), key="q")  # a box alone
+    assert _dice(boxed.mask, mask) > 0.85 and not boxed.mask[:, 70:].any()
 
 
 def test_context_grows_is_searched_once_per_version_and_segments_a_new_image(monkeypatch):
