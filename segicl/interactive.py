@@ -216,6 +216,8 @@ class _Context:
     keys: torch.Tensor  # (m, d) patch features
     vals: torch.Tensor  # (m,) mask fraction per patch
     embedding: np.ndarray
+    image: Image.Image | None = None  # kept for the model prior (``pipeline``)
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -230,6 +232,7 @@ class _Query:
     vals: torch.Tensor | None = None  # (n, top_k) their values
     pi: float = 0.5  # foreground fraction of the context patches voted over
     n_ctx: int = 0
+    model_prior: torch.Tensor | None = None  # (n,) the pipeline's probability per patch, when it has one
 
 
 class InteractiveSegmenter:
@@ -240,8 +243,10 @@ class InteractiveSegmenter:
     """
 
     def __init__(self, config: InteractiveConfig | None = None,
-                 embed: Callable[[Sequence[Image.Image]], np.ndarray] | None = None, cache_queries: int = 8):
+                 embed: Callable[[Sequence[Image.Image]], np.ndarray] | None = None, cache_queries: int = 8,
+                 pipeline=None, text: str = "", model_k: int = 5):
         self.config = config or InteractiveConfig()
+        self.pipeline, self.text, self.model_k = pipeline, text, model_k
         self.config.validate()
         if embed is None:
             from retrieval.embedders import get_embedder
@@ -270,7 +275,8 @@ class InteractiveSegmenter:
         if mask.shape != (image.height, image.width):
             raise ValueError(f"context {key!r}: mask {mask.shape} does not match the image {image.height}x{image.width}")
         _, grid, feats, _ = self._features(image)
-        entry = _Context(key, feats, _patch_values(mask, grid), self.embed([image])[0])
+        entry = _Context(key, feats, _patch_values(mask, grid), self.embed([image])[0],
+                         image if self.pipeline is not None else None, mask if self.pipeline is not None else None)
         self._context = [c for c in self._context if c.key != key] + [entry]
         self.version += 1
 
@@ -309,6 +315,7 @@ class InteractiveSegmenter:
                 q.vals = vals[idx]
                 q.pi = float(vals.mean())
                 q.n_ctx = len(vals)
+            q.model_prior = self._model_prior(image, ctx, q.grid) if self.pipeline is not None and ctx else None
             q.version = self.version
         return q
 
@@ -347,13 +354,26 @@ class InteractiveSegmenter:
         return InteractiveOutput(prob, prob > cfg.threshold, np.sqrt(prob * (1 - prob)).astype(np.float32),
                                  time.perf_counter() - t0, list(q.used))
 
+    def _model_prior(self, image: Image.Image, ctx: list[_Context], grid: tuple[int, int]) -> torch.Tensor:
+        """The SegICL pipeline's probability of ``image`` with the ``model_k`` context images nearest to it
+        as supports (seed 0), area-pooled to the patch grid."""
+        if len(ctx) > self.model_k:
+            e = self.embed([image])[0]
+            ctx = [ctx[i] for i in np.argsort(-np.stack([c.embedding for c in ctx]) @ e, kind="stable")[: self.model_k]]
+        out = self.pipeline([image], text=self.text, supports=[[(c.image, c.mask) for c in ctx]],
+                            generator=torch.Generator().manual_seed(0))
+        prob = torch.from_numpy(np.asarray(out.probabilities[0], dtype=np.float32))[None, None]
+        return torch.nn.functional.adaptive_avg_pool2d(prob, grid).flatten()
+
     def _vote(self, q: _Query, labelled: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
         """The prior: the balanced vote over the cached context top-k, and, when the interactions mark
         both labels, the balanced vote over the query's labelled patches alone, added in logit space
         with weight ``click_weight`` (a correction on one look changes every patch of that look)."""
         cfg = self.config
         logit = torch.zeros(len(q.feats))
-        if q.sims is not None:
+        if q.model_prior is not None:  # the learned model read the context instead of the vote
+            logit += torch.logit(q.model_prior.clamp(0.02, 0.98))
+        elif q.sims is not None:
             logit += _balanced_logit(q.sims, q.vals, q.pi, cfg.scale)
         lab = (seeds[labelled] == 1).float()
         if len(lab) and 0 < lab.mean() < 1:

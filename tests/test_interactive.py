@@ -134,3 +134,27 @@ def test_benchmark_interactive_writes_its_table(shared_data, tmp_path):
     assert all(int(r["interactions"]) == 0 for r in rows if r["setting"] == "context")
     assert [int(r["context"]) for r in rows if r["setting"] == "context"] == [0, 1, 2]
     assert (tmp_path / "interactive.png").stat().st_size > 0 and "| hc18_fetal_head_us |" in (tmp_path / "interactive.md").read_text()
+
+
+def test_a_pipeline_can_give_the_context_prior():
+    """With ``pipeline``, the proposal is the model's probability given the nearest context images."""
+    calls = []
+
+    class FakePipeline:  # stands in for SegICLPipeline: answers the left half, records its supports
+        def __call__(self, images, text, supports, generator):
+            calls.append((text, len(supports[0])))
+            prob = np.zeros((images[0].height, images[0].width), np.float32)
+            prob[:, : images[0].width // 2] = 1.0
+            return type("Out", (), {"probabilities": [prob]})()
+
+    seg = InteractiveSegmenter(InteractiveConfig(max_size=64), embed=lambda ims: np.ones((len(ims), 1)),
+                               pipeline=FakePipeline(), text="Segment the disc.", model_k=2)
+    query, _ = _scene(seed=3)
+    assert not seg.predict(query, Interactions(), key="q").mask.any() and not calls  # no context: no model call
+    for i in range(3):
+        seg.add_context(*_scene(seed=i), key=f"c{i}")
+    out = seg.predict(query, Interactions(), key="q")
+    assert calls == [("Segment the disc.", 2)]
+    assert out.mask[:, :50].mean() > 0.9 and not out.mask[:, 62:].any()
+    seg.predict(query, Interactions(neg_points=[(5, 5)]), key="q")
+    assert len(calls) == 1  # a click does not call the model again

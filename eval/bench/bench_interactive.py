@@ -13,7 +13,10 @@ final prediction (not the ground truth) into the context and moves on. Settings 
   no user to correct them its finished images join the context with their ground truth, so this is
   the in-context Dice against the number of labelled images;
 - ``labelprop``: the propagation over the growing context with the interactions as labelled points,
-  no random walker.
+  no random walker;
+- ``both:model`` / ``context:model`` (with ``--fold-models``): the context prior is the learned SegICL
+  path (the dense checkpoint of the fold that held the dataset out, ``--matching none``, k = 5
+  nearest context images) instead of the propagation.
 
 Writes ``interactive.csv`` (one row per setting and image: ``dataset, label, setting, position,
 image, interactions, dice_initial, dice_final, dice_after_1, dice_after_3, dice_after_5, seconds,
@@ -32,7 +35,8 @@ import csv
 import time
 from pathlib import Path
 
-SETTINGS = ("both", "interactive", "context", "labelprop")
+SETTINGS = ("both", "interactive", "context", "labelprop", "both:model", "context:model")
+DEFAULT_SETTINGS = SETTINGS[:4]
 FIELDS = ("dataset", "label", "setting", "position", "image", "interactions", "dice_initial", "dice_final",
           "dice_after_1", "dice_after_3", "dice_after_5", "seconds", "context")
 
@@ -43,7 +47,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=int, default=30, help="images per task (the first N of the order)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the image order")
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="comma list of " + ", ".join(SETTINGS))
+    parser.add_argument("--settings", default=",".join(DEFAULT_SETTINGS), help="comma list of " + ", ".join(SETTINGS))
+    parser.add_argument("--fold-models", type=Path, default=None, metavar="DIR",
+                        help="the :model settings: the learned path of DIR/<fold>/dense/model (segicl benchmark folds), "
+                             "the fold that holds the dataset out")
     parser.add_argument("--kind", choices=("clicks", "scribbles"), default="clicks", help="the robot's interactions")
     parser.add_argument("--target", type=float, default=0.90, help="Dice at which the robot accepts")
     parser.add_argument("--max-interactions", type=int, default=20)
@@ -121,7 +128,18 @@ def run_task(ds, label_value: int, stems: list[str], setting: str, args, cfg, de
     from eval.robot_user import add_correction
     from segicl.interactive import Interactions, InteractiveSegmenter
 
-    seg = InteractiveSegmenter(dataclasses.replace(cfg, random_walk=setting != "labelprop"))
+    pipe = None
+    if setting.endswith(":model"):
+        from eval.bench.bench_folds import FOLDS
+        from eval.methods import load_segicl
+
+        fold = next((f for f, names in FOLDS.items() if ds.name in names), None)
+        if args.fold_models is None or fold is None:
+            raise SystemExit(f"setting {setting}: needs --fold-models and a dataset of a fold ({ds.name})")
+        pipe, _ = load_segicl(args.fold_models / fold / "dense" / "model")
+        pipe.set_matching(mode="none")
+    seg = InteractiveSegmenter(dataclasses.replace(cfg, random_walk=setting != "labelprop"), pipeline=pipe,
+                               text=ds.instruction(label_value))
     rows = []
     for pos, stem in enumerate(tqdm(stems, desc=desc, leave=False)):
         s = ds.sample(stem, label_value)
@@ -129,7 +147,7 @@ def run_task(ds, label_value: int, stems: list[str], setting: str, args, cfg, de
         out = seg.predict(s.image, ints, key=stem)
         times = [out.seconds]
         scores = [dice(out.mask, s.mask)]
-        if setting != "context":
+        if not setting.startswith("context"):
             while scores[-1] < args.target and len(scores) - 1 < args.max_interactions:
                 if not add_correction(ints, out.mask, s.mask, args.kind):
                     break
@@ -141,8 +159,8 @@ def run_task(ds, label_value: int, stems: list[str], setting: str, args, cfg, de
                      "image": stem, "interactions": len(scores) - 1, "dice_initial": round(scores[0], 4),
                      "dice_final": round(scores[-1], 4), **{f"dice_after_{n}": round(v, 4) for n, v in after.items()},
                      "seconds": round(sum(times) / len(times), 4), "context": len(out.context_used)})
-        if setting != "interactive":  # the context setting has no user: it is given the ground truth
-            seg.add_context(s.image, s.mask if setting == "context" else out.mask, stem)
+        if setting != "interactive":  # the context settings have no user: they are given the ground truth
+            seg.add_context(s.image, s.mask if setting.startswith("context") else out.mask, stem)
     return rows
 
 
@@ -212,7 +230,7 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) ->
     base = {(s["dataset"], s["label"]): s["total_interactions"] for s in summary if s["setting"] == "interactive"}
     for s in summary:
         b = base.get((s["dataset"], s["label"]))
-        rel = f"{100 * (s['total_interactions'] / b - 1):+.0f} %" if b and s["setting"] != "context" else ""
+        rel = f"{100 * (s['total_interactions'] / b - 1):+.0f} %" if b and not s["setting"].startswith("context") else ""
         med = "" if np.isnan(s["median_after_20"]) else f"{s['median_after_20']:.1f}"
         lines.append(f"| {s['dataset']} | {s['label']} | {s['setting']} | {s['images']} | {s['total_interactions']} | "
                      f"{rel} | {med} | {s['reached_target']:.2f} | {s['dice_initial']:.3f} | {s['dice_after_1']:.3f} | "
@@ -227,7 +245,7 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) ->
     for ax, (d, lab) in zip(axes.ravel(), tasks):
         for st in dict.fromkeys(r["setting"] for r in rows):
             ys = [r["interactions"] for r in rows if (r["dataset"], r["label"], r["setting"]) == (d, lab, st)]
-            if st == "context" or not ys:
+            if st.startswith("context") or not ys:
                 continue
             run_mean = np.convolve(ys, np.ones(5) / 5, mode="valid") if len(ys) >= 5 else np.asarray(ys, float)
             ax.plot(np.arange(len(run_mean)) + (len(ys) - len(run_mean)), run_mean, label=st)
