@@ -59,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="override an InteractiveConfig field (e.g. --set beta=4)")
     parser.add_argument("--latency", action="store_true",
                         help="instead: time clicks on the first dataset (10 context images, 20 clicks per query, 256 px)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="rewrite interactive.md and .png from the interactive.csv already in --out")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     return parser
 
@@ -209,6 +211,24 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _fold_lines(summary: list[dict]) -> list[str]:
+    from eval.bench.bench_folds import FOLDS
+
+    settings = [s for s in dict.fromkeys(x["setting"] for x in summary) if not s.startswith("context")]
+    lines = []
+    for fold, names in FOLDS.items():
+        tot = {st: sum(x["total_interactions"] for x in summary if x["dataset"] in names and x["setting"] == st)
+               for st in settings}
+        if not any(x["dataset"] in names for x in summary):
+            continue
+        base = tot.get("interactive")
+        cells = [f"{tot[st]}" + (f" ({100 * (tot[st] / base - 1):+.0f} %)" if base and st != "interactive" else "")
+                 for st in settings]
+        lines.append(f"| {fold} | {', '.join(n for n in names if any(x['dataset'] == n for x in summary))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) -> str:
     import matplotlib
 
@@ -235,6 +255,12 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) ->
         lines.append(f"| {s['dataset']} | {s['label']} | {s['setting']} | {s['images']} | {s['total_interactions']} | "
                      f"{rel} | {med} | {s['reached_target']:.2f} | {s['dice_initial']:.3f} | {s['dice_after_1']:.3f} | "
                      f"{s['dice_after_3']:.3f} | {s['dice_after_5']:.3f} | {s['dice_final']:.3f} | {s['seconds']:.3f} |")
+    lines += ["", "Per fold of the leave-dataset-group-out protocol (eval/bench/bench_folds.py), total interactions over",
+              "its tasks, and the change against the same model without context:", "",
+              "| fold | datasets | " + " | ".join(s for s in dict.fromkeys(r["setting"] for r in rows)
+                                                 if not s.startswith("context")) + " |",
+              "|---|---|" + "---|" * len([s for s in dict.fromkeys(r["setting"] for r in rows) if not s.startswith("context")])]
+    lines += _fold_lines(summary)
     lines += ["", f"Run time {wall:.0f} s."]
     text = "\n".join(lines) + "\n"
     (out / "interactive.md").write_text(text)
@@ -265,6 +291,14 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.time()
     if args.latency:
         print(latency(args, _config(args.set)))
+        return 0
+    if args.report_only:
+        with open(args.out / "interactive.csv", newline="") as f:
+            rows = [{k: (v if k in ("dataset", "label", "setting", "image") else float(v) if "." in v else int(v))
+                     for k, v in r.items()} for r in csv.DictReader(f)]
+        old = (args.out / "interactive.md").read_text() if (args.out / "interactive.md").exists() else ""
+        wall = next((float(ln.split()[2]) for ln in old.splitlines() if ln.startswith("Run time")), float("nan"))
+        print(write(rows, args.out, args, wall))
         return 0
     rows = run(args)
     if not rows:
