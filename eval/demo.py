@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def _png(img, path: Path) -> None:
-    from retrieval.index import atomic_write_bytes
+    from segicl.io import atomic_write_bytes
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")

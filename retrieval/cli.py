@@ -314,7 +314,7 @@ def overlay(image, mask: np.ndarray, supports: list[dict[str, Any]], strip_heigh
 def _save_png(img, path: Path) -> None:
     import io
 
-    from retrieval.index import atomic_write_bytes
+    from segicl.io import atomic_write_bytes
 
     buf = io.BytesIO()
     img.save(buf, format="PNG")
@@ -338,10 +338,10 @@ def segment(args: argparse.Namespace) -> int:
     from PIL import Image
 
     from retrieval.embedders import EmbedderError
-    from retrieval.index import atomic_write_bytes
     from retrieval.store import StoreError, SupportStore
     from retrieval.volume_segment import segment_volumes, uses_volumes
     from segicl.data import DataError
+    from segicl.io import atomic_write_bytes
 
     if uses_volumes(args):
         return segment_volumes(args, lambda checkpoint: load_pipeline(checkpoint))

@@ -309,16 +309,10 @@ def deserialize(data: bytes, source: str | Path = "<bytes>", gpu: bool = True):
     return to_device(index) if gpu else index
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (:func:`segicl.io.atomic_file`: temp file beside it + fsync + os.replace)."""
-    from segicl.io import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-
-
 def write_index(index, path: str | Path) -> bytes:
     """Serialise ``index`` atomically to ``path``; returns the bytes written."""
+    from segicl.io import atomic_write_bytes
+
     data = serialize(index)
     atomic_write_bytes(path, data)
     return data

@@ -37,7 +37,7 @@ from PIL import Image
 
 from retrieval import index as ix
 from retrieval.embedders import Embedder, get_embedder
-from segicl.io import atomic_directory
+from segicl.io import atomic_directory, atomic_write_bytes
 
 FORMAT = "segicl-support-store"
 FORMAT_VERSION = 1
@@ -443,7 +443,7 @@ class SupportStore:
                                  "refusing to overwrite it")
         with atomic_directory(path) as tmp:
             data = ix.serialize(self.index)
-            ix.atomic_write_bytes(tmp / INDEX_FILE, data)
+            atomic_write_bytes(tmp / INDEX_FILE, data)
             self._write_sqlite(tmp / META_FILE)
             manifest = {
                 "format": FORMAT,
@@ -458,7 +458,7 @@ class SupportStore:
                 "files": {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                           for name in (INDEX_FILE, META_FILE)},
             }
-            ix.atomic_write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
+            atomic_write_bytes(tmp / MANIFEST_FILE, (json.dumps(manifest, indent=1) + "\n").encode())
         return path
 
     def _write_sqlite(self, file: Path) -> None:

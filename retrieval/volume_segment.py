@@ -106,7 +106,7 @@ def _volume_supports(args: argparse.Namespace) -> tuple[list[dict[str, Any]], in
 
 
 def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    from retrieval.index import atomic_write_bytes
+    from segicl.io import atomic_write_bytes
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_FIELDS)
@@ -129,9 +129,9 @@ def _run(args: argparse.Namespace, load_pipeline: Callable[[str | None], Any]) -
     import torch
 
     from retrieval.cli import _given_supports, _save_png, _unique_stems, overlay, settings_report
-    from retrieval.index import atomic_write_bytes
     from retrieval.store import StoreError, SupportStore
     from segicl.data import DataError
+    from segicl.io import atomic_write_bytes
     from segicl.volumes import (
         VolumeError,
         is_volume_path,

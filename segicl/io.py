@@ -90,3 +90,11 @@ def atomic_file(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_file`) and durably (the folder entry is fsynced too)."""
+    path = Path(path)
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    fsync_dir(path.parent)

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from segicl.annotate.state import Session, SessionError, mask_png, read_mask, write_bytes_atomic
+from segicl.annotate.state import Session, SessionError, mask_png, read_mask
+from segicl.io import atomic_write_bytes
 from tests.annotate_helpers import SIZE, decode_mask, get, post, serve, write_images
 
 REPO = Path(__file__).resolve().parents[1]
@@ -166,7 +167,7 @@ def test_mask_without_session_entry_is_recovered(images, tmp_path):
     folder, names = images
     out = tmp_path / "out"
     Session(folder, out)
-    write_bytes_atomic(out / "masks" / "img02.png", mask_png(np.ones((SIZE, SIZE), bool)))
+    atomic_write_bytes(out / "masks" / "img02.png", mask_png(np.ones((SIZE, SIZE), bool)))
     (out / "masks" / ".img03.png.abc.png").write_bytes(b"half")  # a killed atomic write's temp file
     s = Session(folder, out)
     assert s.accepted == [names[2]] and "interrupted accept" in s.notes[0]

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from segicl.io import atomic_file, fsync_dir
+from segicl.io import atomic_write_bytes, fsync_dir
 
 SESSION_FILE = "session.json"
 MASKS_DIR = "masks"
@@ -39,13 +39,6 @@ VERSION = 1
 
 class SessionError(ValueError):
     """The session cannot be opened (wrong folder, foreign files, no images); the message says why."""
-
-
-def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (the folder entry is fsynced too)."""
-    with atomic_file(path) as tmp:
-        tmp.write_bytes(data)
-    fsync_dir(path.parent)
 
 
 def mask_png(mask: np.ndarray) -> bytes:
@@ -271,7 +264,7 @@ class Session:
 
     def save(self) -> None:
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_bytes_atomic(self.session_path, (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8"))
+        atomic_write_bytes(self.session_path, (json.dumps(self.to_dict(), indent=1) + "\n").encode("utf-8"))
 
     # ------------------------------------------------------------------------------ changes
     def remaining(self) -> list[str]:
@@ -307,7 +300,7 @@ class Session:
         if name not in self.paths:
             raise SessionError(f"{name}: not an image of this session")
         path = self.mask_path(name)
-        write_bytes_atomic(path, mask_png(mask))
+        atomic_write_bytes(path, mask_png(mask))
         if name not in self.accepted:
             self.accepted.append(name)
         self.done[name] = dict(interactions or {})
