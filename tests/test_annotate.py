@@ -3,6 +3,7 @@ tests/annotate_helpers.py), persistence and resume, a SIGKILL during accepts, ex
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from segicl.annotate.app import main
 from segicl.annotate.state import Session, SessionError, mask_png, read_mask
 from segicl.io import atomic_write_bytes
 from tests.annotate_helpers import SIZE, decode_mask, get, post, serve, write_images
@@ -270,7 +272,6 @@ def test_export_round_trip(images, tmp_path, fmt):
 def test_with_the_real_interactive_segmenter(images, tmp_path):
     """The default backend (segicl.interactive, training-free): a click segments the disc under it, an
     accepted image joins the context and the next image is predicted from it before any click."""
-    pytest.importorskip("segicl.interactive", reason="segicl.interactive is not on this branch yet")
     from segicl.annotate.app import Annotator, default_backend
 
     folder, names = images
@@ -282,6 +283,22 @@ def test_with_the_real_interactive_segmenter(images, tmp_path):
     assert app.segmenter.context_keys == [names[0]] and s["current"] == names[1]
     nxt = decode_mask(app.api_predict({"image": names[1], "interactions": {}})["mask"])
     assert nxt[32, 26] and not nxt[2, 62]
+
+
+def test_the_shipped_model_can_propose(images, tmp_path):
+    """--model shipped: the pipeline reads the accepted images and proposes before any click."""
+    from segicl.annotate.app import Annotator, default_backend
+
+    folder, names = images
+    segmenter, parse = default_backend("the bright disc", "shipped")
+    assert segmenter.pipeline is not None and segmenter.text == "Segment the bright disc."
+    app = Annotator(Session(folder, tmp_path / "out"), segmenter, parse)
+    app.api_accept({"image": names[0], "interactions": {"pos_points": [[32, 20]]}})
+    out = app.api_predict({"image": names[1], "interactions": {}})
+    assert segmenter._queries[names[1]].model_prior is not None and out["area"] > 0
+    args = argparse.Namespace(export=None, images=folder, out=tmp_path / "out2", order=None, text=None,
+                              model=str(tmp_path / "no_such_checkpoint"), port=0, no_browser=True)
+    assert main(args) == 2  # a bad checkpoint stops with a message before serving
 
 
 def test_cli_plugin_is_declared_and_light():
