@@ -13,6 +13,8 @@ BENCHMARKS = {
                   "support-store embedders compared by the Dice of segmentation with the supports they retrieve"),
     "folds": ("eval.bench.bench_folds",
               "leave-dataset-group-out: train stage 1 per fold, score the held-out datasets in context"),
+    "vlsm-quality": ("eval.bench.bench_vlsm_quality",
+                     "VLSM comparators trained and scored per dataset, P0-P9, tuning modes, zero-shot folds (CSV + Markdown)"),
     "perf": ("eval.bench.bench_perf",
              "latency breakdown, throughput, alternatives, store, training steps/s and cost curves (CSV + Markdown + PNG)"),
 }
