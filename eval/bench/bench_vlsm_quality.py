@@ -7,7 +7,9 @@ per cell: ``--train-seconds``, or ``--train-steps``) and is scored through ``seg
 was trained with, ``--vlsm-prompt``). Protocols (``--protocols``):
 
 - ``supervised``: per dataset, train on its train split, test on its test split; the four models in
-  mode ``e2e`` with prompt P1 (the class name; prompts.json alternatives on Kvasir / CVC), plus the
+  mode ``e2e`` with prompt P1 (the class name; prompts.json alternatives on Kvasir / CVC; BiomedCLIPSeg-D
+  starts from the decoder of the CLIPSeg cell trained on the same data, as no CLIPSeg weights are
+  available offline), plus the
   supervised U-Net (``unet``: ``segicl evaluate --methods unet_supervised``, trained per label with
   early stopping on the val split, ``--unet-*``). The table puts SegICL and labelprop beside them from
   the committed in-domain run (``--segicl-summary``, k = 5 retrieved, first 10 test images per label).
@@ -91,6 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--train-seconds", type=float, default=60.0,
                         help="wall-clock budget of each VLSM cell's training steps (train.max_minutes; default 60)")
     parser.add_argument("--train-steps", type=int, default=None, help="optimizer steps per VLSM cell instead of epochs")
+    parser.add_argument("--lr", type=float, default=1e-3,
+                        help="learning rate of every mode (default 1e-3; 0 = the preset's lr_by_mode, whose e2e 1e-4 is "
+                             "the papers' rate for pretrained weights and does not move a random-init model in 300 steps)")
     parser.add_argument("--limit", type=int, default=None, help="test images per label (default: the whole test split)")
     parser.add_argument("--unet-seconds", type=float, default=150.0,
                         help="U-Net: wall-clock cap of the training per label (default 150)")
@@ -101,6 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="committed in-domain SegICL / labelprop summary shown beside the supervised rows")
     parser.add_argument("--folds-csv", type=Path, default=REPO / "docs/results/folds/folds.csv",
                         help="committed fold results shown beside the zero-shot rows")
+    parser.add_argument("--report-only", action="store_true", help="rewrite vlsm.md from vlsm.csv, run no cell")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -148,6 +154,14 @@ def _train(cell: Cell, run: Path, args: argparse.Namespace) -> dict:
     argv += ["--exclude", ",".join(FOLDS[cell.fold])] if cell.fold else ["--set", f"data.datasets=[{','.join(cell.train)}]"]
     if args.train_steps:
         argv += ["--max-steps", str(args.train_steps)]
+    if args.lr:
+        argv += ["--set", f"train.lr={args.lr:g}", "--set", "train.lr_by_mode={}"]
+    decoder = "random"
+    if cell.model == "biomedclipseg_d":  # the decoder of the CLIPSeg trained on the same data (none pretrained here)
+        clipseg = Cell(cell.protocol, "clipseg", cell.mode, cell.prompt, cell.train, cell.test, cell.fold).run_dir(args.runs)
+        if (clipseg / "model" / "config.json").is_file():
+            decoder = str(clipseg / "model")
+            argv += ["--set", f"decoder_from={decoder}"]
     t0 = time.time()
     train_main(train_args(argv))
     log = list(csv.DictReader(open(run / "log.csv")))
@@ -157,6 +171,8 @@ def _train(cell: Cell, run: Path, args: argparse.Namespace) -> dict:
     items = sum(len(ds.stems("train")) * len(ds.tasks()) for ds in map(load_dataset, (args.data / d for d in cell.train)))
     out = {"train_seconds": round(time.time() - t0, 1), "epochs": round(steps * batch / max(items, 1), 2), "steps": steps,
            "val_dice": vals[-1] if vals else math.nan, "command": "segicl train " + shlex.join(argv)}
+    if cell.model == "biomedclipseg_d":
+        out["decoder_from"] = decoder
     record.write_text(json.dumps(out, indent=1))
     return out
 
@@ -259,7 +275,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
     limit = f"the first {args.limit} test images per label" if args.limit else "the whole test split"
     lines = ["# VLSM comparators: Dice on the project's datasets", "",
              f"Tiny presets (configs/vlsm/*_tiny.yaml, 64 px, random init: no pretrained weights offline), batch 8, "
-             f"{budget} per cell (at most 100 epochs, early stopping patience 20 epochs on val Dice, the last weights "
+             f"{budget} per cell, AdamW lr {f'{args.lr:g} in every mode' if args.lr else 'of the presets'} (at most 100 epochs, early stopping patience 20 epochs on val Dice, the last weights "
              f"kept), 1 CPU thread; scored by `segicl evaluate` on {limit} with the prompt level the model was trained "
              "with. Metrics at the mask's stored resolution (HD95 and NSD in pixels). Rows: `vlsm.csv`.", ""]
     sup = [r for r in rows if r["protocol"] == "supervised"]
@@ -276,7 +292,12 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
             return f
 
         names = {"unet": "U-Net (early stop)"}
-        lines += ["## Supervised: train split -> test split", "", f"Mean Dice over {limit}:", ""]
+        lines += ["## Supervised: train split -> test split", "",
+                  "VLSMs: mode e2e, prompt P1 (the class name; prompts.json alternatives on Kvasir / CVC). U-Net: "
+                  "`segicl evaluate --methods unet_supervised` (MONAI UNet, 96 px, from scratch) per label, validated every "
+                  f"{args.unet_val_every} steps on the val split, stopped after {args.unet_patience} validations without a "
+                  f"better Dice or at {args.unet_steps} steps / {args.unet_seconds:g} s, the best weights kept.", "",
+                  f"Mean Dice over {limit}:", ""]
         lines += _grid(sup, labels, models, value("dice"), [names.get(m, m) for m in models], "dataset / label")
         lines += ["", "Same models on the first 10 test images per label, beside SegICL (shipped checkpoint, defaults) "
                   "and labelprop at k = 5 retrieved supports from the committed in-domain run "
@@ -340,7 +361,7 @@ def main(args: argparse.Namespace) -> int:
     available = sorted(p.parent.name for p in args.data.glob("*/dataset.json"))
     if not available:
         raise SystemExit(f"segicl benchmark vlsm-quality: no datasets in {args.data}")
-    cells = plan(args, available)
+    cells = [] if args.report_only else plan(args, available)
     csv_path = args.out / "vlsm.csv"
     rows = _read_csv(csv_path)
     done = {tuple(r[k] for k in KEY) for r in rows}
