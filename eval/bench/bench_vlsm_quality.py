@@ -231,6 +231,13 @@ def _evaluate(cell: Cell, run: Path, args: argparse.Namespace) -> list[dict]:
     return rows
 
 
+def _mean_over_datasets(rows: list[dict], field: str) -> float:
+    per: dict[str, list[float]] = {}
+    for r in rows:
+        per.setdefault(r["dataset"], []).append(float(r[field]) if r[field] not in ("", None) else math.nan)
+    return _nanmean([_nanmean(v) for v in per.values()])
+
+
 def _nanmean(values: list[float]) -> float:
     ok = [v for v in values if not math.isnan(v)]
     return sum(ok) / len(ok) if ok else math.nan
@@ -249,17 +256,21 @@ def _fmt(v, digits: int = 3) -> str:
     return "-" if math.isnan(f) else f"{f:.{digits}f}"
 
 
-def _grid(rows: list[dict], row_keys: list[tuple], col_keys: list, cell_of, head: list[str], first: str) -> list[str]:
-    """A Markdown table: one line per row key, one column per column key, a mean line."""
+def _grid(row_keys: list[tuple], col_keys: list, cell_of, head: list[str], first: str, dataset_at: int | None = None,
+          ) -> list[str]:
+    """A Markdown table: one line per row key, one column per column key, a mean line (with ``dataset_at``, the
+    index of the dataset in the row keys: the mean over datasets of their mean over labels, as the in-domain table)."""
     lines = ["| " + " | ".join([first, *head]) + " |", "|" + "---|" * (len(head) + 1)]
-    sums: dict[int, list[float]] = {}
-    for rk in row_keys:
+    sums: dict[int, dict[object, list[float]]] = {}
+    for n, rk in enumerate(row_keys):
         vals = [cell_of(rk, ck) for ck in col_keys]
         for i, v in enumerate(vals):
             if v is not None and not math.isnan(v):
-                sums.setdefault(i, []).append(v)
+                sums.setdefault(i, {}).setdefault(n if dataset_at is None else rk[dataset_at], []).append(v)
         lines.append("| " + " / ".join(str(x) for x in rk) + " | " + " | ".join(_fmt(v) for v in vals) + " |")
-    lines.append("| **mean** | " + " | ".join(_fmt(_nanmean(sums.get(i, []))) for i in range(len(col_keys))) + " |")
+    means = [_nanmean([_nanmean(v) for v in sums.get(i, {}).values()]) for i in range(len(col_keys))]
+    label = "**mean**" if dataset_at is None else "**mean over datasets**"
+    lines.append(f"| {label} | " + " | ".join(_fmt(m) for m in means) + " |")
     return lines
 
 
@@ -298,14 +309,19 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                   f"{args.unet_val_every} steps on the val split, stopped after {args.unet_patience} validations without a "
                   f"better Dice or at {args.unet_steps} steps / {args.unet_seconds:g} s, the best weights kept.", "",
                   f"Mean Dice over {limit}:", ""]
-        lines += _grid(sup, labels, models, value("dice"), [names.get(m, m) for m in models], "dataset / label")
+        lines += _grid(labels, models, value("dice"), [names.get(m, m) for m in models], "dataset / label", 0)
+        lines += ["", "All four metrics, mean over datasets of the mean over labels (HD95 in pixels, NSD at 2 px, "
+                  "the eval config's tolerance):", ""]
+        lines += _grid([(m,) for m in models], ["dice", "iou", "hd95", "nsd"],
+                       lambda rk, f: _mean_over_datasets([r for r in sup if r["model"] == rk[0]], f),
+                       ["Dice", "IoU", "HD95", "NSD"], "model")[:-1]
         lines += ["", "Same models on the first 10 test images per label, beside SegICL (shipped checkpoint, defaults) "
                   "and labelprop at k = 5 retrieved supports from the committed in-domain run "
                   f"(`{args.segicl_summary.relative_to(REPO) if args.segicl_summary.is_relative_to(REPO) else args.segicl_summary}`"
                   ", the same 10 images):", ""]
         cols = [*models, "segicl", "labelprop"]
-        lines += _grid(sup, labels, cols, value("dice_first10"), [*(names.get(m, m) for m in models), "SegICL k5",
-                                                                  "labelprop k5"], "dataset / label")
+        lines += _grid(labels, cols, value("dice_first10"), [*(names.get(m, m) for m in models), "SegICL k5",
+                                                             "labelprop k5"], "dataset / label", 0)
         lines += ["", "Training per cell: seconds / epochs (U-Net: per label, steps of batch 8 until early stopping "
                   "or the cap, epochs = steps x 8 / train images):", ""]
         lines += ["| dataset / label | " + " | ".join(names.get(m, m) for m in models) + " |", "|" + "---|" * (len(models) + 1)]
@@ -321,7 +337,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         levels = [p for p in PROMPTS if any(r["prompt"] == p for r in prompts)]
         keys = list(dict.fromkeys((r["dataset"],) for r in prompts))
         lines += ["## Prompts P0-P9: CLIPSeg e2e trained and tested with one level", "", "Mean Dice:", ""]
-        lines += _grid(prompts, keys, levels, lambda rk, p: _lookup(prompts, "dice", dataset=rk[0], prompt=p),
+        lines += _grid(keys, levels, lambda rk, p: _lookup(prompts, "dice", dataset=rk[0], prompt=p),
                        [p.upper() for p in levels], "dataset")
         lines.append("")
     modes = [r for r in rows if r["protocol"] == "modes"]
@@ -330,7 +346,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         mode_keys = [(m,) for m in ("e2e", *MODES) if any(r["mode"] == m for r in ref)]
         dsets = [d for d in TWO if any(r["dataset"] == d for r in modes)]
         lines += ["## Tuning modes: CLIPSeg, prompt P1 (e2e from the supervised rows)", "", "Mean Dice:", ""]
-        lines += _grid(ref, mode_keys, dsets, lambda rk, d: _lookup(ref, "dice", dataset=d, mode=rk[0]), dsets, "mode")
+        lines += _grid(mode_keys, dsets, lambda rk, d: _lookup(ref, "dice", dataset=d, mode=rk[0]), dsets, "mode")
         lines.append("")
     zs = [r for r in rows if r["protocol"] == "zeroshot_folds"]
     if zs:
@@ -346,8 +362,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
         lines += ["## Zero-shot by text: trained without the fold, scored on its held-out datasets", "",
                   f"Mean Dice over {limit}; SegICL from the fold runs (`docs/results/folds/folds.csv`, first 10 test "
                   "images per label): the learned path at k = 0 and the default path (route + native) at k = 5:", ""]
-        lines += _grid(zs, labels, [*models, "learned", "route+native"], zval, [*models, "SegICL k0", "SegICL k5"],
-                       "fold / dataset / label")
+        lines += _grid(labels, [*models, "learned", "route+native"], zval, [*models, "SegICL k0", "SegICL k5"],
+                       "fold / dataset / label", 1)
         lines.append("")
     return "\n".join(lines)
 
