@@ -48,6 +48,7 @@ class UNetConfig:
     # weights of the best measurement are kept.
     val_every: int = 0
     patience: int = 5
+    min_steps: int = 0  # no early stop before this step (a net that still predicts empty everywhere plateaus first)
     max_val_items: int | None = 64  # cap on validation images (None: all given)
     max_seconds: float | None = None  # wall-clock cap of the training loop (None: none)
 
@@ -230,7 +231,7 @@ def _fit(net: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: UN
                 best_state = copy.deepcopy(net.state_dict())
             else:
                 bad += 1
-            if bad >= cfg.patience:
+            if bad >= cfg.patience and step >= cfg.min_steps:
                 break
         if out_of_time:
             break

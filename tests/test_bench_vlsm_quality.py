@@ -77,11 +77,12 @@ def test_unet_early_stopping_keeps_the_best_weights(shared_data: Path) -> None:
 
     ds = load_dataset(shared_data / "hc18_fetal_head_us")
     cfg = UNetConfig.from_dict({"size": 32, "channels": [8, 16], "strides": [2], "num_res_units": 0, "batch_size": 2,
-                                "steps": 200, "val_every": 2, "patience": 1, "max_train_items": 8, "max_val_items": 4})
+                                "steps": 200, "val_every": 2, "patience": 1, "min_steps": 10, "max_train_items": 8,
+                                "max_val_items": 4})
     method = UNetSupervised(cfg, seed=0)
     method.prepare(ds, 255)
     log = method.training_log[0]
-    assert log["dataset"] == "hc18_fetal_head_us" and log["steps"] < 200  # stopped on the validation Dice
+    assert log["dataset"] == "hc18_fetal_head_us" and 10 <= log["steps"] < 200  # stopped on the val Dice, not before min_steps
     assert log["best_step"] <= log["steps"] and 0 <= log["best_val_dice"] <= 1
     assert UNetConfig.from_dict({}).val_every == 0  # the default keeps the fixed budget
     with pytest.raises(ValueError, match="patience"):

@@ -102,6 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--unet-steps", type=int, default=4000, help="U-Net: most optimiser steps per label")
     parser.add_argument("--unet-val-every", type=int, default=50, help="U-Net: steps between validations")
     parser.add_argument("--unet-patience", type=int, default=6, help="U-Net: validations without improvement before stopping")
+    parser.add_argument("--unet-min-steps", type=int, default=600,
+                        help="U-Net: no early stop before this step (the all-empty plateau of the first steps)")
     parser.add_argument("--segicl-summary", type=Path, default=REPO / "docs/results/in_domain/eval_defaults/summary.csv",
                         help="committed in-domain SegICL / labelprop summary shown beside the supervised rows")
     parser.add_argument("--folds-csv", type=Path, default=REPO / "docs/results/folds/folds.csv",
@@ -185,7 +187,8 @@ def _unet_config(run: Path, args: argparse.Namespace) -> Path:
 
     cfg = load_eval_config()
     cfg["unet_supervised"] = {**cfg["unet_supervised"], "steps": args.unet_steps, "val_every": args.unet_val_every,
-                              "patience": args.unet_patience, "max_seconds": args.unet_seconds}
+                              "patience": args.unet_patience, "min_steps": args.unet_min_steps,
+                              "max_seconds": args.unet_seconds}
     path = run / "eval_config.yaml"
     run.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -307,7 +310,8 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                   "VLSMs: mode e2e, prompt P1 (the class name; prompts.json alternatives on Kvasir / CVC). U-Net: "
                   "`segicl evaluate --methods unet_supervised` (MONAI UNet, 96 px, from scratch) per label, validated every "
                   f"{args.unet_val_every} steps on the val split, stopped after {args.unet_patience} validations without a "
-                  f"better Dice or at {args.unet_steps} steps / {args.unet_seconds:g} s, the best weights kept.", "",
+                  f"better Dice (not before step {args.unet_min_steps}) or at {args.unet_steps} steps / "
+                  f"{args.unet_seconds:g} s, the best weights kept.", "",
                   f"Mean Dice over {limit}:", ""]
         lines += _grid(labels, models, value("dice"), [names.get(m, m) for m in models], "dataset / label", 0)
         lines += ["", "All four metrics, mean over datasets of the mean over labels (HD95 in pixels, NSD at 2 px, "
