@@ -44,8 +44,8 @@ class UNetConfig:
     threads: int | None = 1  # torch intra-op threads while training/predicting (None: leave as is)
     # Early stopping (off by default: the fixed ``steps`` budget). With ``val_every`` > 0 and validation
     # samples given, the Dice on them is measured every ``val_every`` steps; training stops after
-    # ``patience`` measurements without a better one (or at ``steps`` / ``max_seconds``) and the
-    # weights of the best measurement are kept.
+    # ``patience`` measurements without a better one, once past ``min_steps`` and better than an
+    # all-empty prediction (or at ``steps`` / ``max_seconds``), and the best weights are kept.
     val_every: int = 0
     patience: int = 5
     min_steps: int = 0  # no early stop before this step (a net that still predicts empty everywhere plateaus first)
@@ -209,6 +209,8 @@ def _fit(net: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: UN
     net.train()
     n = len(x_all)
     best_step, best_dice, best_state, bad = None, None, None, 0
+    # no early stop while the net is no better than predicting nothing (the Dice of an all-empty mask)
+    empty_dice = float((val[1].flatten(1).sum(1) == 0).float().mean()) if val is not None else 0.0
     t0 = time.perf_counter()
     for step in range(1, cfg.steps + 1):
         idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)  # with replacement: k=1 works too
@@ -231,7 +233,7 @@ def _fit(net: torch.nn.Module, x_all: torch.Tensor, y_all: torch.Tensor, cfg: UN
                 best_state = copy.deepcopy(net.state_dict())
             else:
                 bad += 1
-            if bad >= cfg.patience and step >= cfg.min_steps:
+            if bad >= cfg.patience and step >= cfg.min_steps and best_dice > empty_dice:
                 break
         if out_of_time:
             break

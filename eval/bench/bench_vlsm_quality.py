@@ -310,7 +310,7 @@ def markdown(rows: list[dict], args: argparse.Namespace) -> str:
                   "VLSMs: mode e2e, prompt P1 (the class name; prompts.json alternatives on Kvasir / CVC). U-Net: "
                   "`segicl evaluate --methods unet_supervised` (MONAI UNet, 96 px, from scratch) per label, validated every "
                   f"{args.unet_val_every} steps on the val split, stopped after {args.unet_patience} validations without a "
-                  f"better Dice (not before step {args.unet_min_steps}) or at {args.unet_steps} steps / "
+                  f"better Dice (not before step {args.unet_min_steps}, nor while no better than an all-empty mask) or at {args.unet_steps} steps / "
                   f"{args.unet_seconds:g} s, the best weights kept.", "",
                   f"Mean Dice over {limit}:", ""]
         lines += _grid(labels, models, value("dice"), [names.get(m, m) for m in models], "dataset / label", 0)
