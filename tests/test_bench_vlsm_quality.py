@@ -11,9 +11,17 @@ from pathlib import Path
 import pytest
 
 from eval.bench import bench_vlsm_quality as bvq
+from eval.bench import cli
 from eval.bench.bench_folds import FOLDS
-from segicl.cli import main
 from tests.conftest import DATASETS
+
+
+def main(argv: list[str]) -> int:
+    """``segicl benchmark ...`` through the benchmark plugin's own registration (not every installed plugin)."""
+    parser = argparse.ArgumentParser(prog="segicl")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
 
 
 def _args(**kw) -> argparse.Namespace:

@@ -413,3 +413,9 @@ def _write(rows: list[dict], args: argparse.Namespace) -> str:
     text = markdown(rows, args)
     (args.out / "vlsm.md").write_text(text + "\n")
     return text
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main(add_arguments(argparse.ArgumentParser(prog="python -m eval.bench.bench_vlsm_quality")).parse_args()))
