@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--calibration", choices=["none", "auto"], default=None,
                         help="SegICL: choose each task's path (defaults / without the blend / zero-shot) on its labelled "
                              "train items, leave-one-out (default: the checkpoint's calibration.mode)")
+    parser.add_argument("--vlsm-prompt", default=None, metavar="LEVEL", choices=[f"p{i}" for i in range(10)],
+                        help="VLSM methods: the text is the P0-P9 prompt of this level (p0..p9, as in training) instead "
+                             "of the dataset's instruction (eval config vlsm.prompt_level)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--limit", type=int, default=None, help="evaluate the first N items per task (quick runs)")
     parser.add_argument("--config", type=Path, default=None,
@@ -130,6 +133,8 @@ def main(args: argparse.Namespace) -> int:
     for key in ("matching", "dense_condition", "fine", "blend", "postprocess", "calibration"):  # SegICL settings overridden for this run
         if getattr(args, key) is not None:
             eval_config["segicl"] = {**(eval_config.get("segicl") or {}), key: getattr(args, key)}
+    if getattr(args, "vlsm_prompt", None) is not None:
+        eval_config["vlsm"] = {**(eval_config.get("vlsm") or {}), "prompt_level": args.vlsm_prompt}
     cfg = SuiteConfig(
         data=_expand_data(args.data),
         out=args.out,
@@ -209,7 +214,7 @@ def _describe(args: argparse.Namespace) -> str:
                         ("--embedder", args.embedder),
                         ("--matching", args.matching), ("--dense-condition", args.dense_condition), ("--fine", args.fine),
                         ("--blend", args.blend), ("--postprocess", args.postprocess),
-                        ("--calibration", args.calibration)):
+                        ("--calibration", args.calibration), ("--vlsm-prompt", getattr(args, "vlsm_prompt", None))):
         if value is not None:
             parts += [flag, str(value)]
     if args.loo:

@@ -261,13 +261,27 @@ class UniverSegMethod(Method):
 
 # --------------------------------------------------------------------------------------- VLSM
 class VLSMMethod(Method):
-    """A saved VLSM baseline (CLIPSeg / CRIS / BiomedCLIPSeg, any tuning mode): text + query, no supports."""
+    """A saved VLSM baseline (CLIPSeg / CRIS / BiomedCLIPSeg, any tuning mode): text + query, no supports.
 
-    def __init__(self, model: Any, name: str):
+    The text is the suite's instruction, or with ``prompt_level`` (eval config ``vlsm: {prompt_level:
+    p1}``, ``segicl evaluate --vlsm-prompt p1``) the P0-P9 prompt of that level as the model was
+    trained with (``segicl.vlsm.prompts.PromptSampler``: prompts.json where the dataset ships it, else
+    generated from the query's mask, an oracle for P2-P9 as in medvlsm)."""
+
+    def __init__(self, model: Any, name: str, prompt_level: str | None = None):
+        from segicl.vlsm.prompts import PromptSampler
+
         self.model = model
         self.name = name
+        self.sampler = PromptSampler(prompt_level) if prompt_level else None
+        self.dataset: SegDataset | None = None
+
+    def prepare(self, dataset: SegDataset, label_value: int, split: str = "train") -> None:
+        self.dataset = dataset  # prompts.json of the queries' dataset
 
     def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
+        if self.sampler is not None:
+            text = self.sampler(query, self.dataset)
         prob = self.model.predict([query.image], [text])[0]
         return np.asarray(prob, dtype=np.float32), None
 
@@ -287,6 +301,7 @@ class UNetSupervised(Method):
         self.seed = seed
         self.key: tuple[str, int] | None = None
         self.model: UNetSegmenter | None = None
+        self.training_log: list[dict] = []  # one entry per trained task (run.json "training")
 
     def prepare(self, dataset: SegDataset, label_value: int, split: str = "train") -> None:
         key = (dataset.name, int(label_value))
@@ -299,8 +314,14 @@ class UNetSupervised(Method):
             rng = np.random.default_rng(seed)
             stems = sorted(rng.choice(stems, size=self.cfg.max_train_items, replace=False).tolist())
         samples = [dataset.sample(s, label_value) for s in stems]
-        self.model = train_unet(samples, self.cfg, seed)
+        val = ([dataset.sample(s, label_value) for s in dataset.stems("val")]
+               if self.cfg.val_every > 0 and "val" in dataset.splits else None)
+        self.model = train_unet(samples, self.cfg, seed, val)
         self.key = key
+        self.training_log.append({"dataset": dataset.name, "label": dataset.labels[int(label_value)],
+                                  "train_items": self.model.train_items, "steps": self.model.steps_run,
+                                  "best_step": self.model.best_step, "best_val_dice": self.model.best_val_dice,
+                                  "seconds": round(self.model.seconds, 2)})
 
     def predict(self, query: Sample, supports: list[Sample], text: str, seed: int) -> tuple[np.ndarray, np.ndarray | None]:
         if self.model is None or self.key != (query.dataset, query.label_value):
@@ -427,7 +448,9 @@ def build_method(
         path = Path(arg)
         if not path.is_dir():
             raise FileNotFoundError(f"{path}: VLSM model directory not found (save one with VLSMModel.save_pretrained)")
-        return VLSMMethod(load_vlsm(path), name=spec.strip()), {spec: str(path.resolve())}
+        level = (config.get("vlsm") or {}).get("prompt_level")
+        desc = str(path.resolve()) + (f" (prompt level {level})" if level else "")
+        return VLSMMethod(load_vlsm(path), name=spec.strip(), prompt_level=level), {spec: desc}
     if kind == "universeg":
         path = Path(arg)
         if not path.is_dir():

@@ -618,6 +618,7 @@ def write_outputs(runner: Runner, wall: float, started: str) -> dict[str, Path]:
         "methods": runner.provenance,
         "calibration": {spec: {f"{d}/{lab}/k{k}/{pol}": dec.to_dict() for (d, lab, k, pol), dec in m.decisions.items()}
                         for spec, m in runner.methods.items() if getattr(m, "decisions", None)},
+        "training": {spec: m.training_log for spec, m in runner.methods.items() if getattr(m, "training_log", None)},
         "versions": _versions(),
         "rows": len(runner.rows),
         "errors": sum(1 for r in runner.rows if r["error"]),

@@ -15,6 +15,8 @@ BENCHMARKS = {
               "leave-dataset-group-out: train stage 1 per fold, score the held-out datasets in context"),
     "interactive": ("eval.bench.bench_interactive",
                     "a robot user segments datasets image after image: interactions per image with and without a growing context"),
+    "vlsm-quality": ("eval.bench.bench_vlsm_quality",
+                     "VLSM comparators trained and scored per dataset, P0-P9, tuning modes, zero-shot folds (CSV + Markdown)"),
     "perf": ("eval.bench.bench_perf",
              "latency breakdown, throughput, alternatives, store, training steps/s and cost curves (CSV + Markdown + PNG)"),
 }
