@@ -143,6 +143,7 @@ class InteractiveConfig:
     prior_weight: float = 0.002  # random-walker weight of the (confidence-weighted) prior
     click_weight: float = 1.0  # weight of the vote over the query's labelled patches (logit space)
     random_walk: bool = True  # False: the vote alone, interactions as labelled points (the labelprop baseline)
+    click_rw: bool = True  # with a click network: its probability is the prior of the random walker (val: fewer clicks)
     threshold: float = 0.5
 
     def validate(self) -> None:
@@ -239,13 +240,17 @@ class InteractiveSegmenter:
     """Segment images one after another from a growing context and the user's interactions.
 
     ``embed``: images -> L2-normalised vectors for choosing the nearest context images (default: the
-    pixel embedder of :mod:`retrieval.embedders`).
+    pixel embedder of :mod:`retrieval.embedders`). ``click_net``: a :class:`segicl.click_net.ClickNet`
+    that turns the interactions and the context prior into a probability, the prior of the random
+    walker (``click_rw``; or the answer itself); without interactions the context prior is the answer
+    either way.
     """
 
     def __init__(self, config: InteractiveConfig | None = None,
                  embed: Callable[[Sequence[Image.Image]], np.ndarray] | None = None, cache_queries: int = 8,
-                 pipeline=None, text: str = "", model_k: int = 5):
+                 pipeline=None, text: str = "", model_k: int = 5, click_net=None):
         self.config = config or InteractiveConfig()
+        self.click_net = click_net
         self.pipeline, self.text, self.model_k = pipeline, text, model_k
         self.config.validate()
         if embed is None:
@@ -342,14 +347,25 @@ class InteractiveSegmenter:
         if q.n_ctx == 0 and not labelled.any():
             prob = np.zeros((image.height, image.width), np.float32)
             return InteractiveOutput(prob, prob > 0.5, prob.copy(), time.perf_counter() - t0, [])
+        from segicl.data.transforms import resize_prob
+
+        if self.click_net is not None and not interactions.empty:
+            ctx = None
+            if q.n_ctx or q.model_prior is not None:  # the context prior alone: the network reads the marks itself
+                none = torch.zeros(len(q.feats), dtype=torch.bool)
+                ctx = self._vote(q, none, torch.zeros(len(q.feats), dtype=torch.int8)).view(q.grid).numpy()
+            net_prob = self.click_net.predict(image, interactions, ctx)
+            if cfg.click_rw:
+                net_prob = random_walk(q.colour, seeds, resize_prob(net_prob, q.grid), cfg.prior_weight, cfg.beta)
+            prob = resize_prob(net_prob, (image.height, image.width)).clip(0, 1)
+            return InteractiveOutput(prob, prob > cfg.threshold, np.sqrt(prob * (1 - prob)).astype(np.float32),
+                                     time.perf_counter() - t0, list(q.used))
         prior = self._vote(q, torch.from_numpy(labelled), torch.from_numpy(seeds.ravel()))
         grid_prob = prior.view(q.grid).numpy()
         if cfg.random_walk and labelled.any():  # without interactions the vote is the answer
             grid_prob = random_walk(q.colour, seeds, grid_prob, cfg.prior_weight, cfg.beta)
         else:  # the labelled points keep their label
             grid_prob = np.where(seeds == 1, 1.0, np.where(seeds == 2, 0.0, grid_prob)).astype(np.float32)
-        from segicl.data.transforms import resize_prob
-
         prob = resize_prob(grid_prob, (image.height, image.width)).clip(0, 1)
         return InteractiveOutput(prob, prob > cfg.threshold, np.sqrt(prob * (1 - prob)).astype(np.float32),
                                  time.perf_counter() - t0, list(q.used))

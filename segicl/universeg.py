@@ -15,7 +15,6 @@ the project's real + pseudo tasks (training/universeg_task.py) instead of MegaMe
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -99,35 +98,15 @@ class UniverSeg(nn.Module):
         return self.head(q)
 
     def save_pretrained(self, path: str | Path) -> Path:
-        from safetensors.torch import save_file
+        from segicl.io import save_safetensors_dir
 
-        from segicl.io import atomic_directory
-        from segicl.pipeline import _sha256
-
-        path = Path(path)
-        with atomic_directory(path) as tmp:
-            (tmp / "config.json").write_text(json.dumps({"format": "segicl-universeg/1", **asdict(self.cfg)}, indent=2) + "\n")
-            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp / "model.safetensors"))
-            files = sorted(p.name for p in tmp.iterdir())
-            (tmp / "manifest.json").write_text(json.dumps({"files": {f: _sha256(tmp / f) for f in files}}, indent=2) + "\n")
-        return path
+        return save_safetensors_dir(path, "segicl-universeg/1", asdict(self.cfg), self.state_dict())
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> UniverSeg:
-        from safetensors.torch import load_file
+        from segicl.io import load_safetensors_dir
 
-        from segicl.pipeline import _sha256
-
-        path = Path(path)
-        manifest = path / "manifest.json"
-        if not manifest.is_file():
-            raise FileNotFoundError(f"{manifest}: missing (not a saved UniverSeg comparator, or an interrupted save)")
-        for name, digest in json.loads(manifest.read_text())["files"].items():
-            if not (path / name).is_file() or _sha256(path / name) != digest:
-                raise ValueError(f"{path / name}: missing or its checksum does not match manifest.json")
-        cfg = json.loads((path / "config.json").read_text())
-        if cfg.pop("format", None) != "segicl-universeg/1":
-            raise ValueError(f"{path / 'config.json'}: not a segicl-universeg/1 config")
+        cfg, state = load_safetensors_dir(path, "segicl-universeg/1")
         model = cls(UniverSegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
-        model.load_state_dict(load_file(str(path / "model.safetensors")))
+        model.load_state_dict(state)
         return model.eval()

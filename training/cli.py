@@ -1,4 +1,4 @@
-"""``segicl train {stage1,stage2,stage3,vlsm,universeg}``: build a task from a config and run it through the shared loop.
+"""``segicl train {stage1,stage2,stage3,vlsm,universeg,click}``: build a task from a config and run it through the shared loop.
 
 Examples::
 
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-STAGES = ("stage1", "stage2", "stage3", "vlsm", "universeg")
+STAGES = ("stage1", "stage2", "stage3", "vlsm", "universeg", "click")
 
 
 def _str_list(text: str) -> list[str]:
@@ -67,7 +67,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
              "stage2": "multimodal encoder on in-context episodes (frozen stage-1 parts)",
              "stage3": "decoder adapted to the encoder's predicted tokens S (frozen encoders)",
              "vlsm": "a VLSM baseline (CLIPSeg, CRIS, BiomedCLIPSeg) in a tuning mode",
-             "universeg": "the UniverSeg-style in-context comparator on real + pseudo tasks"}
+             "universeg": "the UniverSeg-style in-context comparator on real + pseudo tasks",
+             "click": "the interactive network (clicks, boxes, scribbles + context prior) with simulated users"}
     for stage in STAGES:
         sub = stages.add_parser(stage, help=helps[stage], description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
         add_arguments(sub, stage)
@@ -180,6 +181,7 @@ def build_task(stage: str, config: dict, data_dirs: Sequence[Path], exclude: Seq
         "stage3": ("training.stage3", "build_stage3_task"),
         "vlsm": ("training.vlsm_task", "build_vlsm_task"),
         "universeg": ("training.universeg_task", "build_universeg_task"),
+        "click": ("training.click_task", "build_click_task"),
     }[stage]
     try:
         module = importlib.import_module(module_name)

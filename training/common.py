@@ -127,3 +127,16 @@ def val_items(datasets: Sequence[SegDataset], per_task: int, seed: int, image_si
                     "support_masks": [mask_to_tensor(s.mask, mask_size) for s in sup],
                 })
     return items
+
+
+def small_model_from_config(config: dict[str, Any], model_cls, cfg_cls):
+    """(train block, data block, seed, model config, model) of a config for a small one-network task
+    (the UniverSeg-style comparator, the click network): the model built from ``model`` (lists as
+    tuples) under the run's seed, without touching the global RNG."""
+    train_cfg, data_cfg, mcfg = config.get("train", {}), config.get("data", {}), dict(config.get("model") or {})
+    seed = int(train_cfg.get("seed", 0))
+    cfg = cfg_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in mcfg.items()})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(cfg)
+    return train_cfg, data_cfg, seed, cfg, model

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from segicl.universeg import UniverSeg, UniverSegConfig
-from training.common import adamw_with_schedule, batch_dice, seg_loss, val_items
+from training.common import adamw_with_schedule, batch_dice, seg_loss, small_model_from_config, val_items
 
 
 class UniverSegTask(nn.Module):
@@ -44,12 +44,7 @@ def build_universeg_task(config: dict[str, Any], data_dirs: Sequence[str | Path]
     from training.episodes import EpisodeDataset, load_split
     from training.pseudo_tasks import MixedEpisodes, PseudoTaskEpisodes
 
-    train_cfg, data_cfg, mcfg = config.get("train", {}), config.get("data", {}), dict(config.get("model") or {})
-    seed = int(train_cfg.get("seed", 0))
-    cfg = UniverSegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in mcfg.items()})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UniverSeg(cfg)
+    train_cfg, data_cfg, seed, cfg, model = small_model_from_config(config, UniverSeg, UniverSegConfig)
     k_max = int(data_cfg.get("k_max", 5))
     datasets, cache = load_split(data_dirs, "train", cfg.size, exclude, cache_dir=data_cfg.get("cache_dir"),
                                  progress=bool(train_cfg.get("progress", True)))

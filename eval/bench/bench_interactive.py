@@ -17,6 +17,10 @@ final prediction (not the ground truth) into the context and moves on. Settings 
 - ``both:model`` / ``context:model`` (with ``--fold-models``): the context prior is the learned SegICL
   path (the dense checkpoint of the fold that held the dataset out, ``--matching none``, k = 5
   nearest context images) instead of the propagation.
+- ``both:click`` / ``interactive:click`` / ``both:model:click`` (with ``--click-models``): the
+  interactions go through the learned interactive network of the fold that held the dataset out
+  (segicl/click_net.py, ``DIR/<fold>/model``) instead of the random walker; ``interactive:click`` is
+  their no-context baseline in the per-fold table.
 
 Writes ``interactive.csv`` (one row per setting and image: ``dataset, label, setting, position,
 image, interactions, dice_initial, dice_final, dice_after_1, dice_after_3, dice_after_5, seconds,
@@ -35,7 +39,8 @@ import csv
 import time
 from pathlib import Path
 
-SETTINGS = ("both", "interactive", "context", "labelprop", "both:model", "context:model")
+SETTINGS = ("both", "interactive", "context", "labelprop", "both:model", "context:model", "both:click",
+            "interactive:click", "both:model:click")
 DEFAULT_SETTINGS = SETTINGS[:4]
 FIELDS = ("dataset", "label", "setting", "position", "image", "interactions", "dice_initial", "dice_final",
           "dice_after_1", "dice_after_3", "dice_after_5", "seconds", "context")
@@ -51,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--fold-models", type=Path, default=None, metavar="DIR",
                         help="the :model settings: the learned path of DIR/<fold>/dense/model (segicl benchmark folds), "
                              "the fold that holds the dataset out")
+    parser.add_argument("--click-models", type=Path, default=None, metavar="DIR",
+                        help="the :click settings: the interactive network DIR/<fold>/model (segicl train click) of the "
+                             "fold that holds the dataset out")
     parser.add_argument("--kind", choices=("clicks", "scribbles"), default="clicks", help="the robot's interactions")
     parser.add_argument("--target", type=float, default=0.90, help="Dice at which the robot accepts")
     parser.add_argument("--max-interactions", type=int, default=20)
@@ -126,22 +134,29 @@ def run_task(ds, label_value: int, stems: list[str], setting: str, args, cfg, de
 
     from tqdm import tqdm
 
+    from eval.bench.bench_folds import FOLDS
     from eval.metrics import dice
     from eval.robot_user import add_correction
     from segicl.interactive import Interactions, InteractiveSegmenter
 
-    pipe = None
-    if setting.endswith(":model"):
-        from eval.bench.bench_folds import FOLDS
+    pipe = net = None
+    mods = setting.split(":")[1:]
+    fold = next((f for f, names in FOLDS.items() if ds.name in names), None)
+    if "model" in mods:
         from eval.methods import load_segicl
 
-        fold = next((f for f, names in FOLDS.items() if ds.name in names), None)
         if args.fold_models is None or fold is None:
             raise SystemExit(f"setting {setting}: needs --fold-models and a dataset of a fold ({ds.name})")
         pipe, _ = load_segicl(args.fold_models / fold / "dense" / "model")
         pipe.set_matching(mode="none")
+    if "click" in mods:
+        from segicl.click_net import ClickNet
+
+        if args.click_models is None or fold is None:
+            raise SystemExit(f"setting {setting}: needs --click-models and a dataset of a fold ({ds.name})")
+        net = ClickNet.from_pretrained(args.click_models / fold / "model")
     seg = InteractiveSegmenter(dataclasses.replace(cfg, random_walk=setting != "labelprop"), pipeline=pipe,
-                               text=ds.instruction(label_value))
+                               text=ds.instruction(label_value), click_net=net)
     rows = []
     for pos, stem in enumerate(tqdm(stems, desc=desc, leave=False)):
         s = ds.sample(stem, label_value)
@@ -161,7 +176,7 @@ def run_task(ds, label_value: int, stems: list[str], setting: str, args, cfg, de
                      "image": stem, "interactions": len(scores) - 1, "dice_initial": round(scores[0], 4),
                      "dice_final": round(scores[-1], 4), **{f"dice_after_{n}": round(v, 4) for n, v in after.items()},
                      "seconds": round(sum(times) / len(times), 4), "context": len(out.context_used)})
-        if setting != "interactive":  # the context settings have no user: they are given the ground truth
+        if not setting.startswith("interactive"):  # the context settings have no user: they are given the ground truth
             seg.add_context(s.image, s.mask if setting.startswith("context") else out.mask, stem)
     return rows
 
@@ -211,6 +226,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _baseline(setting: str, settings) -> str:
+    """The no-context setting a setting is compared with: ``interactive:click`` for the settings that
+    use the click network, ``interactive`` otherwise."""
+    return "interactive:click" if setting.endswith(":click") and "interactive:click" in settings else "interactive"
+
+
 def _fold_lines(summary: list[dict]) -> list[str]:
     from eval.bench.bench_folds import FOLDS
 
@@ -221,9 +242,11 @@ def _fold_lines(summary: list[dict]) -> list[str]:
                for st in settings}
         if not any(x["dataset"] in names for x in summary):
             continue
-        base = tot.get("interactive")
-        cells = [f"{tot[st]}" + (f" ({100 * (tot[st] / base - 1):+.0f} %)" if base and st != "interactive" else "")
-                 for st in settings]
+        cells = []
+        for st in settings:
+            base = tot.get(_baseline(st, settings))
+            cells.append(f"{tot[st]}" + (f" ({100 * (tot[st] / base - 1):+.0f} %)" if base and not st.startswith("interactive")
+                                         else ""))
         lines.append(f"| {fold} | {', '.join(n for n in names if any(x['dataset'] == n for x in summary))} | "
                      + " | ".join(cells) + " |")
     return lines
@@ -247,10 +270,12 @@ def write(rows: list[dict], out: Path, args: argparse.Namespace, wall: float) ->
              "| dataset | label | setting | images | total interactions | vs interactive | median after 20 | "
              "reached target | Dice at 0 | after 1 | after 3 | after 5 | final | s / prediction |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(s["dataset"], s["label"]): s["total_interactions"] for s in summary if s["setting"] == "interactive"}
+    base = {(s["dataset"], s["label"], s["setting"]): s["total_interactions"] for s in summary}
+    names = list(dict.fromkeys(s["setting"] for s in summary))
     for s in summary:
-        b = base.get((s["dataset"], s["label"]))
-        rel = f"{100 * (s['total_interactions'] / b - 1):+.0f} %" if b and not s["setting"].startswith("context") else ""
+        b = base.get((s["dataset"], s["label"], _baseline(s["setting"], names)))
+        rel = (f"{100 * (s['total_interactions'] / b - 1):+.0f} %"
+               if b and not s["setting"].startswith(("context", "interactive")) else "")
         med = "" if np.isnan(s["median_after_20"]) else f"{s['median_after_20']:.1f}"
         lines.append(f"| {s['dataset']} | {s['label']} | {s['setting']} | {s['images']} | {s['total_interactions']} | "
                      f"{rel} | {med} | {s['reached_target']:.2f} | {s['dice_initial']:.3f} | {s['dice_after_1']:.3f} | "
