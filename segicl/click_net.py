@@ -27,6 +27,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 FORMAT = "segicl-clicknet/1"
+SHIPPED = Path(__file__).resolve().parent / "checkpoints" / "click"
 IN_CHANNELS = 8  # image (3), positive, negative, box, prior, has-prior
 
 
@@ -46,6 +47,15 @@ class ClickNetConfig:
     @property
     def multiple(self) -> int:
         return int(np.prod(self.strides))
+
+
+def shipped_click_checkpoint(required: bool = True) -> Path | None:
+    """The interactive network that ships inside the package (None, or an error, when absent)."""
+    if (SHIPPED / "manifest.json").is_file():
+        return SHIPPED
+    if required:
+        raise FileNotFoundError(f"{SHIPPED}: no interactive network ships with this package (train one: segicl train click)")
+    return None
 
 
 def rasterise(interactions, shape: tuple[int, int], scale: tuple[float, float], radius: int) -> np.ndarray:

@@ -382,3 +382,23 @@ def test_an_image_that_fails_to_decode_is_left_out_not_fatal(images, tmp_path):
         assert s["current"] == names[1] and names[0] not in s["images"]
         assert [e["file"] for e in s["errors"]] == ["broken.png", names[0]] and "truncated" in s["errors"][1]["error"]
         assert post(url + "api/accept", {"image": names[1], "interactions": {}})["current"] == names[2]
+
+
+def test_click_model_option(images, tmp_path, capsys):
+    """--click-model: a saved interactive network reads the clicks; none keeps the random walker; a
+    bad folder stops with a message before serving."""
+    import torch
+
+    from segicl.annotate.app import click_net_for, default_backend
+    from segicl.click_net import ClickNet, ClickNetConfig
+
+    torch.manual_seed(0)
+    ClickNet(ClickNetConfig(size=32, channels=(8, 8, 8), strides=(2, 2))).save_pretrained(tmp_path / "click")
+    assert click_net_for("none") is None
+    segmenter, _ = default_backend("", None, str(tmp_path / "click"))
+    assert isinstance(segmenter.click_net, ClickNet)
+    folder, names = images
+    args = argparse.Namespace(export=None, images=folder, out=tmp_path / "out", order=None, text=None, model=None,
+                              click_model=str(tmp_path / "no_such_net"), port=0, no_browser=True)
+    assert main(args) == 2
+    assert "--click-model" in capsys.readouterr().err

@@ -146,3 +146,22 @@ def test_train_click_cli_on_real_data(tmp_path, shared_data):
     net = ClickNet.from_pretrained(out / "model")
     prob = net.predict(Image.new("RGB", (50, 40)), Interactions(pos_points=[(20, 25)]))
     assert prob.shape == net.working_shape(40, 50) and np.isfinite(prob).all()
+
+
+def test_benchmark_runs_the_click_settings_with_the_held_out_folds_network(shared_data, tmp_path):
+    import csv
+    import subprocess
+    import sys
+
+    torch.manual_seed(0)
+    ClickNet(SMALL).save_pretrained(tmp_path / "nets" / "B" / "model")  # HC18 is held out in fold B
+    cmd = [sys.executable, "-m", "segicl", "benchmark", "interactive", "--data", str(shared_data / "hc18_fetal_head_us"),
+           "--limit", "2", "--max-interactions", "2", "--settings", "interactive:click,both:click", "--set", "max_size=64",
+           "--click-models", str(tmp_path / "nets"), "--out", str(tmp_path / "out")]
+    subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=300)
+    rows = list(csv.DictReader(open(tmp_path / "out" / "interactive.csv")))
+    assert [r["setting"] for r in rows] == ["interactive:click"] * 2 + ["both:click"] * 2
+    assert [int(r["context"]) for r in rows] == [0, 0, 0, 1]  # only 'both' grows a context
+    assert all(int(r["interactions"]) >= 1 for r in rows if r["setting"] == "interactive:click")
+    md = (tmp_path / "out" / "interactive.md").read_text()
+    assert "| B | hc18_fetal_head_us |" in md

@@ -86,7 +86,16 @@ def latency(args: argparse.Namespace, cfg, n_context: int = 10, n_queries: int =
     ds = load_dataset(_expand_data(args.data)[0])
     label = ds.tasks()[0].label_value
     stems = [s for s in ds.stems(args.split) if label in ds.labels_present(s)][: n_context + n_queries]
-    seg = InteractiveSegmenter(cfg)
+    net = None
+    if args.click_models is not None:  # the fold's interactive network reads the clicks
+        from eval.bench.bench_folds import FOLDS
+        from segicl.click_net import ClickNet
+
+        fold = next((f for f, names in FOLDS.items() if ds.name in names), None)
+        if fold is None:
+            raise SystemExit(f"--latency --click-models: {ds.name} is in no fold")
+        net = ClickNet.from_pretrained(args.click_models / fold / "model")
+    seg = InteractiveSegmenter(cfg, click_net=net)
     for stem in stems[:n_context]:
         s = ds.sample(stem, label)
         seg.add_context(s.image, s.mask, stem)
@@ -101,13 +110,14 @@ def latency(args: argparse.Namespace, cfg, n_context: int = 10, n_queries: int =
                 break
             out = seg.predict(s.image, ints, key=stem)
             clicks.append(out.seconds)
-    size = f"{s.image.width}x{s.image.height} px image, working size {cfg.max_size} px"
+    size = f"{s.image.width}x{s.image.height} px image, working size {cfg.max_size} px" + (
+        f", interactive network {net.cfg.size} px" if net is not None else "")
     text = (f"{ds.name}, {size}, {len(seg.context_keys)} context images, {len(first)} queries:\n\n"
             f"| prediction | n | p50 s | p90 s |\n|---|---|---|---|\n"
             f"| proposal (context searched) | {len(first)} | {np.median(first):.3f} | {np.percentile(first, 90):.3f} |\n"
             f"| click (context cached) | {len(clicks)} | {np.median(clicks):.3f} | {np.percentile(clicks, 90):.3f} |\n")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.md").write_text(text)
+    (args.out / ("latency_click.md" if net is not None else "latency.md")).write_text(text)
     return text
 
 

@@ -104,20 +104,36 @@ class StaleRequest(SessionError):
     """An accept or skip of an image that is not the open one (HTTP 409)."""
 
 
-def default_backend(text: str, model: str | None = None):
-    """The interactive segmenter of :mod:`segicl.interactive` and its ``Interactions``: training-free,
-    or with ``model`` (a checkpoint folder, or ``shipped``) the SegICL pipeline's prediction from the 5
-    nearest accepted images as the context prior (better proposals, 1-4 s each on 2 cores: see
-    docs/interactive.md); ``text`` ("the polyp") becomes its instruction."""
+def click_net_for(click_model: str | None):
+    """The interactive network of ``--click-model``: ``auto`` (the shipped one when the package has
+    it), ``shipped``, ``none``, or a folder saved by ``segicl train click``."""
+    from segicl.click_net import ClickNet, shipped_click_checkpoint
+
+    if click_model in (None, "none"):
+        return None
+    if click_model == "auto":
+        path = shipped_click_checkpoint(required=False)
+        return None if path is None else ClickNet.from_pretrained(path)
+    return ClickNet.from_pretrained(shipped_click_checkpoint() if click_model == "shipped" else click_model)
+
+
+def default_backend(text: str, model: str | None = None, click_model: str | None = "auto"):
+    """The interactive segmenter of :mod:`segicl.interactive` and its ``Interactions``: the context
+    prior training-free, or with ``model`` (a checkpoint folder, or ``shipped``) the SegICL pipeline's
+    prediction from the 5 nearest accepted images (better proposals, 1-4 s each on 2 cores: see
+    docs/interactive.md); ``text`` ("the polyp") becomes its instruction. Clicks, boxes and scribbles
+    go through the interactive network of ``click_model`` (:func:`click_net_for`) and the random walker."""
     from segicl.interactive import Interactions, InteractiveConfig, InteractiveSegmenter
 
+    net = click_net_for(click_model)
     if model is None:
-        return InteractiveSegmenter(InteractiveConfig()), Interactions.from_dict
+        return InteractiveSegmenter(InteractiveConfig(), click_net=net), Interactions.from_dict
     from segicl.pipeline import SegICLPipeline, default_checkpoint
 
     pipe = SegICLPipeline.from_pretrained(default_checkpoint() if model == "shipped" else model)
     instruction = f"Segment {text.strip().rstrip('.')}." if text and text.strip() else ""
-    return InteractiveSegmenter(InteractiveConfig(), pipeline=pipe, text=instruction), Interactions.from_dict
+    return (InteractiveSegmenter(InteractiveConfig(), pipeline=pipe, text=instruction, click_net=net),
+            Interactions.from_dict)
 
 
 class Annotator:
@@ -386,6 +402,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None, metavar="CHECKPOINT",
                         help="propose with the SegICL model (a checkpoint folder, or 'shipped') reading the accepted "
                              "images, instead of the training-free propagation (slower proposals; docs/interactive.md)")
+    parser.add_argument("--click-model", default="auto", metavar="CHECKPOINT",
+                        help="the network that reads clicks, boxes and scribbles: auto (the shipped one, default), "
+                             "shipped, none (the random walker alone), or a folder from 'segicl train click'")
     parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default 0: a free one)")
     parser.add_argument("--no-browser", action="store_true", help="print the address, do not open a browser")
     parser.add_argument("--order", choices=ORDERS, default=None,
@@ -422,9 +441,11 @@ def main(args: argparse.Namespace, backend: Callable[[str], tuple] = default_bac
     for note in session.notes:
         print(f"segicl annotate: {note}", file=sys.stderr)
     try:
-        segmenter, parse = backend(session.text, args.model) if args.model else backend(session.text)
+        extra = {} if getattr(args, "click_model", "auto") == "auto" else {"click_model": args.click_model}
+        segmenter, parse = backend(session.text, args.model, **extra) if args.model else backend(session.text, **extra)
     except (OSError, ValueError) as exc:
-        print(f"segicl annotate: --model {args.model}: {exc}", file=sys.stderr)
+        what = f"--model {args.model}" if args.model else f"--click-model {args.click_model}"
+        print(f"segicl annotate: {what}: {exc}", file=sys.stderr)
         return 2
     app = Annotator(session, segmenter, parse)
     try:
