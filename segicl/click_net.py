@@ -120,10 +120,13 @@ class ClickNet(nn.Module):
         logits = self(inp)[0, 0, :h, :w]
         return torch.sigmoid(logits).numpy()
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, half: bool = False) -> Path:
+        """Atomic safetensors folder; ``half`` stores float16 weights (the shipped copy: half the bytes in
+        git; loading casts them back to float32)."""
         from segicl.io import save_safetensors_dir
 
-        return save_safetensors_dir(path, FORMAT, asdict(self.cfg), self.state_dict())
+        state = {k: v.half() if half and v.is_floating_point() else v for k, v in self.state_dict().items()}
+        return save_safetensors_dir(path, FORMAT, asdict(self.cfg), state)
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> ClickNet:

@@ -165,3 +165,31 @@ def test_benchmark_runs_the_click_settings_with_the_held_out_folds_network(share
     assert all(int(r["interactions"]) >= 1 for r in rows if r["setting"] == "interactive:click")
     md = (tmp_path / "out" / "interactive.md").read_text()
     assert "| B | hc18_fetal_head_us |" in md
+
+
+def test_half_precision_copy_loads_as_float32_and_predicts_alike(tmp_path):
+    torch.manual_seed(0)
+    net = ClickNet(SMALL).eval()
+    net.save_pretrained(tmp_path / "half", half=True)
+    back = ClickNet.from_pretrained(tmp_path / "half")
+    assert all(p.dtype == torch.float32 for p in back.parameters())
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 50, 3), dtype=np.uint8))
+    ints = Interactions(pos_points=[(20, 25)])
+    assert np.abs(net.predict(img, ints) - back.predict(img, ints)).max() < 0.02
+
+
+def test_the_shipped_network_answers_a_click():
+    from segicl.click_net import shipped_click_checkpoint
+
+    path = shipped_click_checkpoint(required=False)
+    if path is None:
+        pytest.skip("no interactive network ships in this checkout")
+    net = ClickNet.from_pretrained(path)
+    yy, xx = np.mgrid[:96, :128]
+    disc = (yy - 48) ** 2 + (xx - 60) ** 2 <= 20**2
+    img = Image.fromarray(np.where(disc[..., None], 200, 40).astype(np.uint8).repeat(3, 2))
+    prob = net.predict(img, Interactions(pos_points=[(48, 60)]))
+    h, w = net.working_shape(96, 128)
+    up = np.asarray(Image.fromarray((prob * 255).astype(np.uint8)).resize((128, 96))) > 127
+    inter = (up & disc).sum()
+    assert prob.shape == (h, w) and 2 * inter / (up.sum() + disc.sum()) > 0.8  # a bright disc on a dark ground
