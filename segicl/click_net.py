@@ -133,7 +133,7 @@ class ClickNet(nn.Module):
         from segicl.io import load_safetensors_dir
 
         cfg, state = load_safetensors_dir(path, FORMAT)
-        model = cls(ClickNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+        model = cls(ClickNetConfig(**cfg))
         model.load_state_dict(state)
         return model.eval()
 

@@ -100,6 +100,14 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (checkpoint manifests)."""
+    import hashlib
+
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
 def save_safetensors_dir(path: str | Path, fmt: str, config: dict, state: dict) -> Path:
     """A small model folder, written atomically: ``config.json`` (``{"format": fmt, **config}``),
     ``model.safetensors`` (``state``) and ``manifest.json`` (the SHA-256 of each file)."""
@@ -107,34 +115,30 @@ def save_safetensors_dir(path: str | Path, fmt: str, config: dict, state: dict) 
 
     from safetensors.torch import save_file
 
-    from segicl.pipeline import _sha256
-
     path = Path(path)
     with atomic_directory(path) as tmp:
         (tmp / "config.json").write_text(json.dumps({"format": fmt, **config}, indent=2) + "\n")
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / "model.safetensors"))
         files = sorted(p.name for p in tmp.iterdir())
-        (tmp / "manifest.json").write_text(json.dumps({"files": {f: _sha256(tmp / f) for f in files}}, indent=2) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps({"files": {f: sha256_file(tmp / f) for f in files}}, indent=2) + "\n")
     return path
 
 
 def load_safetensors_dir(path: str | Path, fmt: str) -> tuple[dict, dict]:
-    """(config without its format, state dict) of a :func:`save_safetensors_dir` folder; a missing
-    manifest, a file whose checksum does not match or another format is a clear error."""
+    """(config without its format, JSON lists as tuples, state dict) of a :func:`save_safetensors_dir`
+    folder; a missing manifest, a file whose checksum does not match or another format is a clear error."""
     import json
 
     from safetensors.torch import load_file
-
-    from segicl.pipeline import _sha256
 
     path = Path(path)
     manifest = path / "manifest.json"
     if not manifest.is_file():
         raise FileNotFoundError(f"{manifest}: missing (not a saved {fmt} model, or an interrupted save)")
     for name, digest in json.loads(manifest.read_text())["files"].items():
-        if not (path / name).is_file() or _sha256(path / name) != digest:
+        if not (path / name).is_file() or sha256_file(path / name) != digest:
             raise ValueError(f"{path / name}: missing or its checksum does not match manifest.json")
     cfg = json.loads((path / "config.json").read_text())
     if cfg.pop("format", None) != fmt:
         raise ValueError(f"{path / 'config.json'}: not a {fmt} config")
-    return cfg, load_file(str(path / "model.safetensors"))
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}, load_file(str(path / "model.safetensors"))

@@ -42,7 +42,7 @@ from segicl.config import SegICLConfig, load_preset, merge_overrides
 from segicl.data.transforms import image_to_tensor, mask_to_tensor, resize_prob
 from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
-from segicl.io import atomic_directory
+from segicl.io import atomic_directory, sha256_file
 from segicl.matching import match_supports
 from segicl.native import fine_propagation, use_fine
 from segicl.postprocess import Decision, apply, decide
@@ -70,14 +70,6 @@ class SegICLOutput:
     # per image, the post-processing the supports decided and applied to the mask (segicl/postprocess.py);
     # the probabilities are not post-processed
     postprocess: list[dict[str, bool]] = field(default_factory=list)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _as_image(x: Any, what: str) -> Image.Image:
@@ -203,7 +195,7 @@ class SegICLPipeline:
                 state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
                 save_file(state, str(tmp / f"{name}.safetensors"))
             files = sorted(p.name for p in tmp.iterdir())
-            manifest = {"format": "segicl-pipeline/1", "files": {f: _sha256(tmp / f) for f in files},
+            manifest = {"format": "segicl-pipeline/1", "files": {f: sha256_file(tmp / f) for f in files},
                         "num_parameters": self.num_parameters(), **(extra or {})}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         return path
@@ -226,7 +218,7 @@ class SegICLPipeline:
                 f = path / name
                 if not f.is_file():
                     raise FileNotFoundError(f"{f}: listed in manifest.json but missing")
-                if _sha256(f) != digest:
+                if sha256_file(f) != digest:
                     raise ValueError(f"{f}: checksum does not match manifest.json (corrupted or modified file)")
         cfg = SegICLConfig.load(path / "config.json")
         structure = json.loads((path / "decoder_structure.json").read_text())

@@ -107,6 +107,6 @@ class UniverSeg(nn.Module):
         from segicl.io import load_safetensors_dir
 
         cfg, state = load_safetensors_dir(path, "segicl-universeg/1")
-        model = cls(UniverSegConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}))
+        model = cls(UniverSegConfig(**cfg))
         model.load_state_dict(state)
         return model.eval()

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 
 from segicl.click_net import ClickNet, ClickNetConfig, encode, rasterise
 from segicl.interactive import Interactions
-from training.common import adamw_with_schedule, batch_dice, seg_loss, small_model_from_config
+from training.common import SingleModelTask, batch_dice, seg_loss, small_model_from_config
 
 
 def _ellipses(rng: np.random.Generator, size: int, n: int, rmin: float = 0.05, rmax: float = 0.25) -> np.ndarray:
@@ -174,10 +174,10 @@ def marks_of(ints: Sequence[Interactions], shape: tuple[int, int], radius: int) 
     return torch.from_numpy(np.stack([rasterise(i, shape, (1.0, 1.0), radius) for i in ints]))
 
 
-class ClickTask(nn.Module):
+class ClickTask(SingleModelTask):
     def __init__(self, model: ClickNet, train_cfg: dict[str, Any], max_rounds: int = 3, seed: int = 0):
-        super().__init__()
-        self.model, self.train_cfg, self.max_rounds = model, train_cfg, int(max_rounds)
+        super().__init__(model, train_cfg)
+        self.max_rounds = int(max_rounds)
         self.rng = np.random.default_rng(seed)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -194,15 +194,6 @@ class ClickTask(nn.Module):
                 add_correction(i, p, t, k)
         logits = self.model(encode(x, marks_of(ints, shape, r), prior))
         return {"loss": seg_loss(logits, gt.float())}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters())
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=1e-3)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        return self.model.save_pretrained(path)
 
 
 def robot_dice(model: ClickNet, image: torch.Tensor, mask: torch.Tensor, clicks: int, prior: torch.Tensor | None = None

@@ -140,3 +140,21 @@ def small_model_from_config(config: dict[str, Any], model_cls, cfg_cls):
         torch.manual_seed(seed)
         model = model_cls(cfg)
     return train_cfg, data_cfg, seed, cfg, model
+
+
+class SingleModelTask(nn.Module):
+    """A task that trains one whole network (``self.model``) with AdamW (default lr 1e-3) and saves it
+    with the network's own ``save_pretrained``; subclasses define ``forward(batch) -> {"loss": ...}``."""
+
+    def __init__(self, model: nn.Module, train_cfg: dict[str, Any]):
+        super().__init__()
+        self.model, self.train_cfg = model, train_cfg
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return list(self.model.parameters())
+
+    def configure_optimizers(self):
+        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=1e-3)
+
+    def save_pretrained(self, path):
+        return self.model.save_pretrained(path)

@@ -43,6 +43,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from segicl.io import sha256_file
+
 CKPT_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 
@@ -237,16 +239,9 @@ class CheckpointError(ValueError):
     """A training checkpoint is truncated or modified. The message names the file."""
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    with open(path, "rb") as fh:
-        return hashlib.file_digest(fh, "sha256").hexdigest()
-
-
 def write_checksums(ckpt: Path) -> None:
     """``checksums.json``: sha256 of every file of a checkpoint folder (checked before a resume reads it)."""
-    sums = {str(f.relative_to(ckpt)): _sha256(f) for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
+    sums = {str(f.relative_to(ckpt)): sha256_file(f) for f in sorted(ckpt.rglob("*")) if f.is_file() and f.name != CHECKSUMS}
     (ckpt / CHECKSUMS).write_text(json.dumps(sums, indent=1))
 
 
@@ -262,7 +257,7 @@ def verify_checksums(ckpt: Path) -> None:
         raise CheckpointError(f"{f}: unreadable ({exc}); delete {ckpt} to resume from the previous checkpoint") from None
     for name, digest in sums.items():
         p = ckpt / name
-        if not p.is_file() or _sha256(p) != digest:
+        if not p.is_file() or sha256_file(p) != digest:
             raise CheckpointError(f"{p}: {'missing' if not p.is_file() else 'checksum differs'} (truncated or modified "
                                   f"checkpoint); delete {ckpt} to resume from the previous one")
 

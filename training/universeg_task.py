@@ -18,26 +18,14 @@ import torch
 from torch import nn
 
 from segicl.universeg import UniverSeg, UniverSegConfig
-from training.common import adamw_with_schedule, batch_dice, seg_loss, small_model_from_config, val_items
+from training.common import SingleModelTask, batch_dice, seg_loss, small_model_from_config, val_items
 
 
-class UniverSegTask(nn.Module):
-    def __init__(self, model: UniverSeg, train_cfg: dict[str, Any]):
-        super().__init__()
-        self.model, self.train_cfg = model, train_cfg
+class UniverSegTask(SingleModelTask):
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         logits = self.model(batch["query_image"], batch["support_images"], batch["support_masks"], batch["num_supports"])
         return {"loss": seg_loss(logits, batch["query_mask"].float())}
-
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return list(self.model.parameters())
-
-    def configure_optimizers(self):
-        return adamw_with_schedule(self.trainable_parameters(), self.train_cfg, default_lr=1e-3)
-
-    def save_pretrained(self, path: str | Path) -> Path:
-        return self.model.save_pretrained(path)
 
 
 def build_universeg_task(config: dict[str, Any], data_dirs: Sequence[str | Path], exclude: Sequence[str] = ()):
