@@ -176,6 +176,13 @@ class FineConfig:
     features: str = "multiscale"
     max_support_patches: int | None = 16384  # class-stratified sample of the support patches voted over
     nprobe: int | None = 8  # faiss inverted file over the support patches (len // 256 lists); None = exact
+    classifier: str = "forest"  # of the thin-structure path: "forest" (random forest on a multi-scale filter
+    #   bank, fitted to the supports' pixels) | "vote" (the label propagation at 2 px patches); the blend votes
+    forest_samples: int = 10000  # support pixels the forest is fitted to (drawn uniformly over the supports)
+    forest_trees: int = 20
+    forest_depth: int = 12
+    forest_sigmas: tuple[float, float] = (1.0, 16.0)  # smallest and largest filter scale, in working pixels
+    forest_num_sigma: int = 5
 
     def validate(self) -> None:
         if self.mode not in ("none", "auto", "always"):
@@ -189,6 +196,12 @@ class FineConfig:
         _check_features("fine", self.features, self.max_support_patches)
         if self.nprobe is not None and self.nprobe < 1:
             raise ValueError(f"fine.nprobe must be a positive number or null, not {self.nprobe}")
+        if self.classifier not in ("forest", "vote"):
+            raise ValueError(f"fine.classifier must be 'forest' or 'vote', not {self.classifier!r}")
+        lo, hi = self.forest_sigmas
+        if min(self.forest_samples, self.forest_trees, self.forest_depth, self.forest_num_sigma) < 1 or not 0 < lo <= hi:
+            raise ValueError("fine.forest_samples, forest_trees, forest_depth and forest_num_sigma must be >= 1 and "
+                             f"fine.forest_sigmas (smallest, largest) with 0 < smallest <= largest, not {self.forest_sigmas}")
 
 
 @dataclass

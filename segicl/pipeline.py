@@ -44,7 +44,7 @@ from segicl.decoder import MaskDecoder, build_scheduler
 from segicl.encoder import MultimodalEncoder
 from segicl.io import atomic_directory, sha256_file
 from segicl.matching import match_supports
-from segicl.native import fine_propagation, use_fine
+from segicl.native import fine_propagation, native_probability, use_fine
 from segicl.postprocess import Decision, apply, decide
 
 DEFAULT_CHECKPOINT = PACKAGE_DIR / "checkpoints" / "tiny"
@@ -65,7 +65,7 @@ class SegICLOutput:
     uncertainty: list[np.ndarray]
     # per image, the path that made it: "encoder" (the LM's S), "route" (the label-propagation mask
     # rendered by the decoder), "blend" (the decoder's mask averaged with the propagation at
-    # fine.blend_size) or "fine" (native-resolution propagation alone, segicl/native.py)
+    # fine.blend_size) or "fine" (the native-resolution path alone, segicl/native.py)
     paths: list[str] = field(default_factory=list)
     # per image, the post-processing the supports decided and applied to the mask (segicl/postprocess.py);
     # the probabilities are not post-processed
@@ -394,8 +394,8 @@ class SegICLPipeline:
         paths = ["fine" if use_fine([m for _, m in sup], fc, self.config.mask_size) else "blend" if sup and blend
                  else "route" if sup and self.config.matching.mode == "route" else "encoder" for sup in sup_pil]
         for i in (i for i in range(n) if paths[i] == "fine"):
-            probs[i] = fine_propagation(pil[i], sup_pil[i], self.config.matching, self.config.fine)
-            uncs[i] = np.sqrt(probs[i] * (1 - probs[i]))  # std of a Bernoulli with the vote's probability
+            probs[i] = native_probability(pil[i], sup_pil[i], self.config.matching, self.config.fine)
+            uncs[i] = np.sqrt(probs[i] * (1 - probs[i]))  # std of a Bernoulli with the path's probability
             masks[i] = probs[i] > self.config.threshold
         coarse = [i for i in range(n) if paths[i] != "fine"]
         for start in range(0, len(coarse), batch_size):

@@ -12,7 +12,15 @@ from PIL import Image
 from eval.metrics import dice
 from segicl.config import FineConfig, MatchingConfig, load_preset
 from segicl.matching import match_supports, vote
-from segicl.native import coarse_ceiling, fine_propagation, round_trip, use_fine, working_shape
+from segicl.native import (
+    coarse_ceiling,
+    fine_propagation,
+    forest_probability,
+    native_probability,
+    round_trip,
+    use_fine,
+    working_shape,
+)
 from segicl.pipeline import SegICLPipeline
 
 
@@ -127,6 +135,32 @@ def test_fine_propagation_returns_the_query_size_and_finds_thin_lines(hw):
         assert dice(inv > 0.5, qmask) < 0.2
 
 
+@pytest.mark.parametrize("hw", [(1000, 700), (141, 333)])
+def test_forest_returns_the_query_size_and_finds_thin_lines_the_supports_mark(hw):
+    h, w = hw
+    sup = [_vessels(s, w, h) for s in (1, 2, 3)]
+    qimg, qmask = _vessels(9, h, w, n=max(4, (h * w) // 40000))
+    fine = FineConfig()
+    assert fine.classifier == "forest"
+    prob = forest_probability(qimg, sup, fine)
+    assert prob.shape == (h, w) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
+    assert dice(prob > 0.5, qmask) > 0.7
+    np.testing.assert_array_equal(prob, native_probability(qimg, sup, MatchingConfig(), fine))  # seeded: repeatable
+    # the supports' labels drive it: inverted masks give the inverse answer, a colour copy of the query works too
+    inv = forest_probability(qimg, [(i, ~m) for i, m in sup], fine)
+    assert dice(inv > 0.5, qmask) < 0.2 and dice(inv < 0.5, qmask) > 0.7
+    colour = [(Image.merge("RGB", (i, i, i.point(lambda v: v // 2))), m) for i, m in sup]
+    assert dice(forest_probability(Image.merge("RGB", (qimg, qimg, qimg.point(lambda v: v // 2))), colour, fine) > 0.5,
+                qmask) > 0.7
+    # supports with a single class anywhere: that class, no fit
+    empty = forest_probability(qimg, [(i, np.zeros_like(m)) for i, m in sup], fine)
+    assert empty.shape == (h, w) and not empty.any()
+    with pytest.raises(ValueError, match="at least one support"):
+        forest_probability(qimg, [], fine)
+    with pytest.raises(ValueError, match="fine.classifier"):
+        FineConfig(classifier="svm").validate()
+
+
 def test_pipeline_sends_thin_supports_to_the_native_path_and_blobs_to_the_model():
     pipe = SegICLPipeline.from_preset("tiny", matching={"mode": "route"})
     thin = [_vessels(s, 200, 200) for s in (1, 2)]
@@ -135,6 +169,7 @@ def test_pipeline_sends_thin_supports_to_the_native_path_and_blobs_to_the_model(
     gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
     out = pipe([q, q, q], text="x", supports=[thin, blob, []], num_inference_steps=2, generator=gen())
     assert out.paths == ["fine", "blend", "encoder"]
+    np.testing.assert_array_equal(out.probabilities[0], forest_probability(q, thin, pipe.config.fine))
     assert all(m.shape == (123, 77) for m in out.masks) and all(p.shape == (123, 77) for p in out.probabilities)
     assert np.allclose(out.uncertainty[0], np.sqrt(out.probabilities[0] * (1 - out.probabilities[0])))
     # blend: half the model's probability (the route alone), half the propagation at blend_size

@@ -7,8 +7,9 @@ For every dataset folder and label (a task), on the first ``--limit`` images of 
   the ceiling of any model working at N px (:func:`segicl.native.round_trip`);
 - ``labelprop@64``: the training-free propagation as the ``labelprop`` eval method runs it
   (colour features, 64 px, 2 px patches);
-- ``fine@N``: the native-resolution path (segicl/native.py: multi-scale features, aspect kept,
-  longer side capped at N px; ``native`` = uncapped);
+- ``vote@N`` / ``forest@N``: the native-resolution path's two classifiers (segicl/native.py: the
+  label propagation over multi-scale patch features, and the random forest over a multi-scale filter
+  bank fitted to the supports' pixels; aspect kept, longer side capped at N px; ``native`` = uncapped);
 - ``segicl:coarse`` / ``segicl:auto``: the SegICL pipeline (``--checkpoint``, default the shipped
   one) with ``fine.mode`` none and auto, unless ``--no-model``; ``path_fine`` is the share of
   images the auto rule sent to the native path.
@@ -55,12 +56,13 @@ def run(args: argparse.Namespace) -> list[dict]:
     from eval.metrics import dice
     from segicl.config import FineConfig, MatchingConfig
     from segicl.data import load_dataset
-    from segicl.native import fine_propagation, round_trip
+    from segicl.native import native_probability, round_trip
 
     sizes = [int(s) for s in str(args.sizes).split(",") if s.strip()]
     labelprop = LabelPropagation({"size": 64, "grid": 32})
     matching = MatchingConfig()
-    fines = {f"fine@{s}": FineConfig(max_size=s) for s in sizes if s > 64} | {"fine@native": FineConfig(max_size=1 << 16)}
+    caps = {str(s): s for s in sizes if s > 64} | {"native": 1 << 16}
+    fines = {f"{c}@{name}": FineConfig(max_size=cap, classifier=c) for c in ("vote", "forest") for name, cap in caps.items()}
     pipe = None
     if not args.no_model:
         from eval.methods import load_segicl
@@ -89,7 +91,7 @@ def run(args: argparse.Namespace) -> list[dict]:
                         if name == "labelprop@64":
                             prob = labelprop.predict(q, sup, "", 0)[0]
                         elif name in fines:
-                            prob = fine_propagation(q.image, pairs, matching, fines[name])
+                            prob = native_probability(q.image, pairs, matching, fines[name])
                         else:
                             pipe.set_fine(mode="none" if name == "segicl:coarse" else "auto")
                             out = pipe([q.image], text=q.instruction, supports=[pairs],
