@@ -209,18 +209,22 @@ class PostprocessConfig:
     """Post-processing of the binary mask decided by the supports' masks (segicl/postprocess.py)."""
 
     mode: str = "auto"  # "none" | "auto": solid supports (every mask one piece: >= min_largest of it in its
-    #   largest component, and no holes: filling adds <= max_holes) -> largest component, holes filled;
+    #   largest component, and no holes: filling adds <= max_holes) -> the largest component and those at least
+    #   solid_min_fragment of its size kept, holes filled;
     #   rings (one piece with a hole) -> fragments under min_fragment x the largest component dropped
     min_largest: float = 0.95
     max_holes: float = 0.01
     min_fragment: float = 0.2
+    solid_min_fragment: float = 0.5  # 1.0: a solid structure keeps its largest component alone
 
     def validate(self) -> None:
         if self.mode not in ("none", "auto"):
             raise ValueError(f"postprocess.mode must be 'none' or 'auto', not {self.mode!r}")
-        if not (0 < self.min_largest <= 1 and self.max_holes >= 0 and 0 <= self.min_fragment <= 1):
-            raise ValueError(f"postprocess.min_largest and min_fragment must be in (0, 1] and max_holes >= 0, not "
-                             f"{self.min_largest} / {self.min_fragment} / {self.max_holes}")
+        if not (0 < self.min_largest <= 1 and self.max_holes >= 0 and 0 <= self.min_fragment <= 1
+                and 0 <= self.solid_min_fragment <= 1):
+            raise ValueError(f"postprocess.min_largest, min_fragment and solid_min_fragment must be in (0, 1] and "
+                             f"max_holes >= 0, not {self.min_largest} / {self.min_fragment} / {self.solid_min_fragment} / "
+                             f"{self.max_holes}")
 
 
 @dataclass

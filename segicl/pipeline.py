@@ -420,6 +420,6 @@ class SegICLPipeline:
         pp = self.config.postprocess
         decisions = [decide([m for _, m in sup], pp.min_largest, pp.max_holes) if pp.mode == "auto" else Decision()
                      for sup in sup_pil]
-        masks = [apply(m, d, pp.min_fragment) for m, d in zip(masks, decisions)]
+        masks = [apply(m, d, pp.min_fragment, pp.solid_min_fragment) for m, d in zip(masks, decisions)]
         return SegICLOutput(masks, probs, uncs, paths, [d.to_dict() for d in decisions])
 

@@ -28,3 +28,16 @@ def test_folds_train_without_the_held_out_dataset_and_score_it(tmp_path, monkeyp
     assert "| T | hc18_fetal_head_us |" in table and "learned - labelprop" in table
     assert main(argv) == 0  # resumable: the trained fold is reused
     assert "T 0 / " in (out / "folds.md").read_text()
+
+    # --models stage1: only stage 1 of a fresh fold is trained; the route rows are re-measured, the learned and
+    # UniverSeg rows kept from the folds.csv already there
+    before = {(r["method"], r["k"], r["supports"], r["dataset"]): r["dice"] for r in rows}
+    runs2 = tmp_path / "runs2"
+    assert main([*argv[:-4], "--runs", str(runs2), "--out", str(out), "--models", "stage1"]) == 0
+    assert (runs2 / "T" / "model" / "manifest.json").is_file()
+    assert not (runs2 / "T" / "dense").exists() and not (runs2 / "T" / "universeg").exists()
+    after = list(csv.DictReader(open(out / "folds.csv")))
+    assert {r["method"] for r in after} == {r["method"] for r in rows}
+    assert all(before[(r["method"], r["k"], r["supports"], r["dataset"])] == r["dice"] for r in after
+               if r["method"] in ("learned", "learned+native", "universeg"))
+    assert "--models stage1" in (out / "folds.md").read_text()

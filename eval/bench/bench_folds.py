@@ -57,6 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--universeg-steps", type=int, default=1000, help="UniverSeg-style comparator steps per fold")
     parser.add_argument("--limit", type=int, default=10, help="test images per label")
     parser.add_argument("--runs", type=Path, default=Path("runs/folds"), help="training run folders (one per fold)")
+    parser.add_argument("--models", choices=["all", "stage1"], default="all",
+                        help="stage1: train only stage 1 and re-measure the paths it serves (route, route+native, "
+                             "labelprop); the learned and UniverSeg rows are kept from the folds.csv under --out")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the tables")
     return parser
 
@@ -82,6 +85,8 @@ def _train_one(stage: str, config: str, run: Path, held_out: tuple[str, ...], st
 def _train(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) -> float:
     run = args.runs / fold
     seconds = _train_one("stage1", "tiny_stage1.yaml", run, held_out, args.steps, args, ["--set", "train.lr=5e-4"])
+    if args.models == "stage1":
+        return seconds
     seconds += _train_one("stage2", "tiny_dense.yaml", run / "dense", held_out, args.dense_steps, args,
                           ["--set", f"model.init={run / 'model'}"])
     seconds += _train_one("universeg", "tiny_universeg.yaml", run / "universeg", held_out, args.universeg_steps, args, [])
@@ -97,13 +102,15 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
     common = ["--draws", "1", "--limit", str(args.limit), "--steps", "10", "--samples", "1", "--no-progress"]
     alone = ["--fine", "none", "--postprocess", "none"]
     dense, stage1 = str(run / "dense" / "model"), str(run / "model")
+    comparator = "" if args.models == "stage1" else f",universeg:{run / 'universeg' / 'model'}"
     runs = {  # name: (checkpoint, k, supports, extra arguments); method "segicl" is renamed to the run's name
         "learned": (dense, "0,5", "retrieved,shuffled", ["--matching", "none", *alone]),
         "learned+native": (dense, "5", "retrieved", ["--matching", "none"]),
-        "route+native": (stage1, "5", "retrieved", ["--matching", "route", "--methods",
-                                                     f"segicl,labelprop,universeg:{run / 'universeg' / 'model'}"]),
+        "route+native": (stage1, "5", "retrieved", ["--matching", "route", "--methods", f"segicl,labelprop{comparator}"]),
         "route": (stage1, "5", "retrieved", ["--matching", "route", *alone]),
     }
+    if args.models == "stage1":
+        runs = {k: v for k, v in runs.items() if k.startswith("route")}
     rows = []
     for name, (model, ks, supports, extra) in runs.items():
         out = run / f"eval_{name.replace('+', '_')}"
@@ -173,14 +180,33 @@ def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str,
     for fold in [*dict.fromkeys(f for f, _ in folds), None]:
         lines.append(f"| {fold or 'mean of the ' + str(len(folds)) + ' datasets'} | "
                      + " | ".join(f"{mean(c, fold):.3f}" for c in MEAN_COLUMNS) + " |")
+    if args.models == "stage1":
+        lines += ["", "This run (`--models stage1`) re-measured the route, route + native and labelprop columns; the "
+                  "learned, learned + native and UniverSeg-style columns are kept from the earlier full run (their "
+                  "models were not retrained; the inference defaults may have changed since)."]
     lines += ["", "Seconds (train, evaluate) per fold: " + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in times.items())
               + " (train 0 = the fold's models were already trained)."]
     return "\n".join(lines) + "\n"
 
 
+KEPT = ("learned", "learned+native", "universeg")  # the rows --models stage1 does not re-measure
+
+
+def _kept_rows(args: argparse.Namespace, folds: list[str]) -> list[dict]:
+    """With ``--models stage1``: the rows of the folds.csv already under --out that this run does not re-measure
+    (the learned and UniverSeg rows, and every row of a fold not in ``folds``)."""
+    path = args.out / "folds.csv"
+    if args.models != "stage1" or not path.is_file():
+        return []
+    return [{**r, "k": int(r["k"]), "dice": float(r["dice"])} for r in csv.DictReader(open(path))
+            if r["method"] in KEPT or r["fold"] not in folds]
+
+
 def main(args: argparse.Namespace) -> int:
+    folds = [f.strip() for f in args.folds.split(",") if f.strip()]
+    kept = _kept_rows(args, folds)
     rows, times = [], {}
-    for fold in [f.strip() for f in args.folds.split(",") if f.strip()]:
+    for fold in folds:
         held_out = FOLDS[fold]
         missing = [d for d in held_out if not (args.data / d / "dataset.json").is_file()]
         if missing:
@@ -189,7 +215,7 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.time()
         rows += _evaluate(fold, held_out, args)
         times[fold] = (train_s, time.time() - t0)
-        text = _write(rows, args, times)  # after every fold: a long run killed later keeps its finished folds
+        text = _write(rows + kept, args, times)  # after every fold: a long run killed later keeps its finished folds
     print(text)
     return 0
 
