@@ -20,7 +20,8 @@ def test_folds_train_without_the_held_out_dataset_and_score_it(tmp_path, monkeyp
     for part in ("", "dense", "universeg"):  # every model of the fold trained without the held-out dataset
         assert "hc18_fetal_head_us" in (runs / "T" / part / "config.yaml").read_text()
     rows = list(csv.DictReader(open(out / "folds.csv")))
-    assert {r["method"] for r in rows} == {"learned", "learned+native", "route+native", "route", "labelprop", "universeg"}
+    assert {r["method"] for r in rows} == {"learned", "learned+native", "route+native", "route+native-raw", "route",
+                                           "labelprop", "universeg"}
     assert {(r["k"], r["supports"]) for r in rows if r["method"] == "learned"} == {("0", "none"), ("5", "retrieved"),
                                                                                   ("5", "shuffled")}
     assert all(r["dataset"] in bench_folds.FOLDS["T"] and 0 <= float(r["dice"]) <= 1 for r in rows)

@@ -45,12 +45,12 @@ def test_apply_drops_stray_blobs_and_fills_holes():
 
 
 def test_solid_structures_keep_blobs_of_similar_size():
-    """Two candidate blobs of similar size: both kept (the model has not chosen); a much smaller one goes."""
+    """solid_min_fragment < 1: blobs of similar size are kept, a much smaller one goes."""
     big, rival, small = _disc(cx=18, r=10), _disc(cx=46, r=9), _disc(cy=56, cx=56, r=4)
     pred = big | rival | small
     solid = Decision(main_components=True, fill_holes=True)
-    np.testing.assert_array_equal(apply(pred, solid), big | rival)  # rival: 0.8 of the largest; small: 0.16
-    np.testing.assert_array_equal(apply(pred, solid, solid_min_fragment=1.0), big)  # the largest alone
+    np.testing.assert_array_equal(apply(pred, solid, solid_min_fragment=0.5), big | rival)  # rival 0.8 of it, small 0.16
+    np.testing.assert_array_equal(apply(pred, solid), big)  # the default: the largest alone
     np.testing.assert_array_equal(apply(pred, solid, solid_min_fragment=0.1), pred)
 
 

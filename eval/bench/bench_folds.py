@@ -23,6 +23,8 @@ label), supports retrieved from their train split:
   coarse-to-fine blend, post-processing decided by the supports);
 - ``route+native``: the previous default (the stage-1 model: the label propagation rendered by the
   decoder, with the same native path, blend and post-processing);
+- ``route+native-raw``: the same without the post-processing (what the native path and the blend do
+  alone);
 - ``route``: the propagation rendered by the decoder alone; ``labelprop``: the propagation alone;
 - ``universeg``: the comparator.
 
@@ -107,6 +109,7 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
         "learned": (dense, "0,5", "retrieved,shuffled", ["--matching", "none", *alone]),
         "learned+native": (dense, "5", "retrieved", ["--matching", "none"]),
         "route+native": (stage1, "5", "retrieved", ["--matching", "route", "--methods", f"segicl,labelprop{comparator}"]),
+        "route+native-raw": (stage1, "5", "retrieved", ["--matching", "route", "--postprocess", "none"]),
         "route": (stage1, "5", "retrieved", ["--matching", "route", *alone]),
     }
     if args.models == "stage1":
@@ -138,7 +141,8 @@ def _dataset_means(rows: list[dict]) -> dict[tuple, float]:
     return {key: sum(v) / len(v) for key, v in acc.items()}
 
 
-COLUMNS = (("labelprop", 5, "retrieved"), ("route", 5, "retrieved"), ("route+native", 5, "retrieved"),
+COLUMNS = (("labelprop", 5, "retrieved"), ("route", 5, "retrieved"), ("route+native-raw", 5, "retrieved"),
+           ("route+native", 5, "retrieved"),
            ("universeg", 5, "retrieved"), ("learned", 0, "none"), ("learned", 5, "retrieved"),
            ("learned", 5, "shuffled"), ("learned+native", 5, "retrieved"))
 
