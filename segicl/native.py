@@ -117,10 +117,17 @@ def fine_propagation(query: Image.Image, supports: Sequence[tuple[Image.Image, n
     return resize_prob(prob.view(grid), (query.height, query.width))
 
 
-def _pixel_features(img: Image.Image, shape: tuple[int, int], fine) -> np.ndarray:
+def _is_colour(img: Image.Image) -> bool:
+    if img.mode in ("1", "L", "I", "F", "I;16", "LA"):
+        return False
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int16)
+    return bool(np.abs(rgb[..., 0] - rgb[..., 1]).max() > 2 or np.abs(rgb[..., 1] - rgb[..., 2]).max() > 2)
+
+
+def _pixel_features(img: Image.Image, shape: tuple[int, int], fine, colour: bool) -> np.ndarray:
     """(H, W, F) float32 filter bank of ``img`` resized to ``shape``: multi-scale Gaussian intensity, gradient
-    magnitude and Hessian eigenvalues of the grey image (scikit-image), and for a colour image its three
-    channels smoothed at the smallest and largest scale."""
+    magnitude and Hessian eigenvalues of the grey image (scikit-image), and with ``colour`` (any image of the
+    task in colour) its three channels smoothed at the smallest and largest scale."""
     from scipy import ndimage
     from skimage.feature import multiscale_basic_features
 
@@ -128,7 +135,7 @@ def _pixel_features(img: Image.Image, shape: tuple[int, int], fine) -> np.ndarra
     grey = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
     lo, hi = fine.forest_sigmas
     feats = [multiscale_basic_features(grey, sigma_min=lo, sigma_max=hi, num_sigma=fine.forest_num_sigma)]
-    if np.ptp(rgb - grey[..., None]) > 1e-3:  # colour: the channels, smoothed, beside the grey filter bank
+    if colour:  # the channels, smoothed, beside the grey filter bank
         feats += [ndimage.gaussian_filter(rgb, (s, s, 0)) for s in (lo, hi)]
     return np.concatenate(feats, axis=-1).astype(np.float32, copy=False)
 
@@ -151,10 +158,11 @@ def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image,
         raise ValueError("the native-resolution path needs at least one support")
     rng = np.random.default_rng(seed)
     per = max(1, fine.forest_samples // len(supports))
+    colour = any(_is_colour(im) for im in (query, *(img for img, _ in supports)))
     xs, ys = [], []
     for img, mask in supports:
         shape = working_shape(img.height, img.width, fine.max_size, 1)
-        feats = _pixel_features(img, shape, fine)
+        feats = _pixel_features(img, shape, fine, colour)
         feats = feats.reshape(-1, feats.shape[-1])
         m = np.asarray(Image.fromarray(np.asarray(mask, dtype=np.uint8) * 255).resize((shape[1], shape[0]), Image.NEAREST)) > 127
         idx = rng.choice(m.size, min(per, m.size), replace=False)  # uniform: the true share of foreground
@@ -167,7 +175,7 @@ def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image,
     forest = RandomForestClassifier(n_estimators=fine.forest_trees, max_depth=fine.forest_depth, min_samples_leaf=5,
                                     n_jobs=1, random_state=int(rng.integers(1 << 31)))
     forest.fit(np.concatenate(xs), y)
-    feats = _pixel_features(query, shape, fine)
+    feats = _pixel_features(query, shape, fine, colour)
     prob = np.empty(shape, np.float32)
     rows = max(1, (1 << 18) // shape[1])  # predicted in blocks of ~262k pixels (bounded memory)
     for r in range(0, shape[0], rows):

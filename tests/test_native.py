@@ -152,6 +152,7 @@ def test_forest_returns_the_query_size_and_finds_thin_lines_the_supports_mark(hw
     colour = [(Image.merge("RGB", (i, i, i.point(lambda v: v // 2))), m) for i, m in sup]
     assert dice(forest_probability(Image.merge("RGB", (qimg, qimg, qimg.point(lambda v: v // 2))), colour, fine) > 0.5,
                 qmask) > 0.7
+    assert dice(forest_probability(qimg, colour[:1] + sup[1:], fine) > 0.5, qmask) > 0.7  # grey and colour mixed
     # supports with a single class anywhere: that class, no fit
     empty = forest_probability(qimg, [(i, np.zeros_like(m)) for i, m in sup], fine)
     assert empty.shape == (h, w) and not empty.any()
