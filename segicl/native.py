@@ -173,7 +173,7 @@ def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image,
     if y.all() or not y.any():  # one class in every sampled pixel: nothing to learn, answer that class
         return np.full((query.height, query.width), float(y[0]), np.float32)
     forest = RandomForestClassifier(n_estimators=fine.forest_trees, max_depth=fine.forest_depth, min_samples_leaf=5,
-                                    n_jobs=1, random_state=int(rng.integers(1 << 31)))
+                                    n_jobs=-1, random_state=int(rng.integers(1 << 31)))  # threads
     forest.fit(np.concatenate(xs), y)
     feats = _pixel_features(query, shape, fine, colour)
     prob = np.empty(shape, np.float32)
