@@ -37,6 +37,8 @@ with a window would approximate. A 1024 x 1024 image at ``max_size: 1024`` is 26
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -140,25 +142,29 @@ def _pixel_features(img: Image.Image, shape: tuple[int, int], fine, colour: bool
     return np.concatenate(feats, axis=-1).astype(np.float32, copy=False)
 
 
-def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image, np.ndarray]], fine,
-                       seed: int = 0) -> np.ndarray:
-    """Foreground probability (H, W) of ``query`` from a random forest fitted to the supports' pixels.
+_FORESTS: OrderedDict = OrderedDict()  # the last few fitted forests, by their supports and settings
+_FOREST_CACHE = 4
 
-    Args:
-        query: the query image (any size, any aspect).
-        supports: (image, binary mask) pairs, each at its own size (at least one).
-        fine: :class:`segicl.config.FineConfig` (max_size, forest_* settings).
-        seed: seeds the pixel sample and the forest (the same inputs give the same answer).
-    """
+
+def _digest(img: Image.Image, mask: np.ndarray) -> str:
+    h = hashlib.sha1(f"{img.mode}{img.size}".encode())
+    h.update(img.tobytes())
+    h.update(np.packbits(np.asarray(mask, dtype=bool)).tobytes() + str(np.shape(mask)).encode())
+    return h.hexdigest()
+
+
+def _fit_forest(supports: Sequence[tuple[Image.Image, np.ndarray]], fine, seed: int, colour: bool):
+    """The forest fitted to the supports' pixels, or the one class every sampled pixel has (a float). Cached:
+    a folder segmented with the same supports fits once."""
     from sklearn.ensemble import RandomForestClassifier
 
-    from segicl.data.transforms import resize_prob
-
-    if not supports:
-        raise ValueError("the native-resolution path needs at least one support")
+    key = (tuple(_digest(img, m) for img, m in supports), fine.max_size, fine.forest_samples, fine.forest_trees,
+           fine.forest_depth, tuple(fine.forest_sigmas), fine.forest_num_sigma, seed, colour)
+    if key in _FORESTS:
+        _FORESTS.move_to_end(key)
+        return _FORESTS[key]
     rng = np.random.default_rng(seed)
     per = max(1, fine.forest_samples // len(supports))
-    colour = any(_is_colour(im) for im in (query, *(img for img, _ in supports)))
     xs, ys = [], []
     for img, mask in supports:
         shape = working_shape(img.height, img.width, fine.max_size, 1)
@@ -169,12 +175,37 @@ def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image,
         xs.append(feats[idx])
         ys.append(m.ravel()[idx])
     y = np.concatenate(ys)
-    shape = working_shape(query.height, query.width, fine.max_size, 1)
     if y.all() or not y.any():  # one class in every sampled pixel: nothing to learn, answer that class
-        return np.full((query.height, query.width), float(y[0]), np.float32)
-    forest = RandomForestClassifier(n_estimators=fine.forest_trees, max_depth=fine.forest_depth, min_samples_leaf=5,
-                                    n_jobs=-1, random_state=int(rng.integers(1 << 31)))  # threads
-    forest.fit(np.concatenate(xs), y)
+        forest = float(y[0])
+    else:
+        forest = RandomForestClassifier(n_estimators=fine.forest_trees, max_depth=fine.forest_depth, min_samples_leaf=5,
+                                        n_jobs=-1, random_state=int(rng.integers(1 << 31)))  # threads
+        forest.fit(np.concatenate(xs), y)
+    _FORESTS[key] = forest
+    while len(_FORESTS) > _FOREST_CACHE:
+        _FORESTS.popitem(last=False)
+    return forest
+
+
+def forest_probability(query: Image.Image, supports: Sequence[tuple[Image.Image, np.ndarray]], fine,
+                       seed: int = 0) -> np.ndarray:
+    """Foreground probability (H, W) of ``query`` from a random forest fitted to the supports' pixels.
+
+    Args:
+        query: the query image (any size, any aspect).
+        supports: (image, binary mask) pairs, each at its own size (at least one).
+        fine: :class:`segicl.config.FineConfig` (max_size, forest_* settings).
+        seed: seeds the pixel sample and the forest (the same inputs give the same answer).
+    """
+    from segicl.data.transforms import resize_prob
+
+    if not supports:
+        raise ValueError("the native-resolution path needs at least one support")
+    colour = any(_is_colour(im) for im in (query, *(img for img, _ in supports)))
+    forest = _fit_forest(supports, fine, seed, colour)
+    if isinstance(forest, float):
+        return np.full((query.height, query.width), forest, np.float32)
+    shape = working_shape(query.height, query.width, fine.max_size, 1)
     feats = _pixel_features(query, shape, fine, colour)
     prob = np.empty(shape, np.float32)
     rows = max(1, (1 << 18) // shape[1])  # predicted in blocks of ~262k pixels (bounded memory)

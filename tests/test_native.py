@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from eval.metrics import dice
+from segicl import native
 from segicl.config import FineConfig, MatchingConfig, load_preset
 from segicl.matching import match_supports, vote
 from segicl.native import (
@@ -146,6 +147,9 @@ def test_forest_returns_the_query_size_and_finds_thin_lines_the_supports_mark(hw
     assert prob.shape == (h, w) and prob.dtype == np.float32 and 0 <= prob.min() and prob.max() <= 1
     assert dice(prob > 0.5, qmask) > 0.7
     np.testing.assert_array_equal(prob, native_probability(qimg, sup, MatchingConfig(), fine))  # seeded: repeatable
+    native._FORESTS.clear()  # fitted again (not the cached forest): the same answer
+    np.testing.assert_array_equal(prob, forest_probability(qimg, sup, fine))
+    assert len(native._FORESTS) == 1
     # the supports' labels drive it: inverted masks give the inverse answer, a colour copy of the query works too
     inv = forest_probability(qimg, [(i, ~m) for i, m in sup], fine)
     assert dice(inv > 0.5, qmask) < 0.2 and dice(inv < 0.5, qmask) > 0.7
