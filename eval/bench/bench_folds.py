@@ -60,8 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=10, help="test images per label")
     parser.add_argument("--runs", type=Path, default=Path("runs/folds"), help="training run folders (one per fold)")
     parser.add_argument("--models", choices=["all", "stage1"], default="all",
-                        help="stage1: train only stage 1 and re-measure the paths it serves (route, route+native, "
-                             "labelprop); the learned and UniverSeg rows are kept from the folds.csv under --out")
+                        help="stage1: train only stage 1; score it (route, route+native, labelprop) and the fold's "
+                             "dense matcher and UniverSeg comparator where they exist; rows of models that do not "
+                             "exist are kept from the folds.csv under --out")
     parser.add_argument("--out", type=Path, required=True, help="output folder for the tables")
     return parser
 
@@ -104,7 +105,8 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
     common = ["--draws", "1", "--limit", str(args.limit), "--steps", "10", "--samples", "1", "--no-progress"]
     alone = ["--fine", "none", "--postprocess", "none"]
     dense, stage1 = str(run / "dense" / "model"), str(run / "model")
-    comparator = "" if args.models == "stage1" else f",universeg:{run / 'universeg' / 'model'}"
+    have = lambda part: args.models != "stage1" or (run / part / "model" / "manifest.json").is_file()  # noqa: E731
+    comparator = f",universeg:{run / 'universeg' / 'model'}" if have("universeg") else ""
     runs = {  # name: (checkpoint, k, supports, extra arguments); method "segicl" is renamed to the run's name
         "learned": (dense, "0,5", "retrieved,shuffled", ["--matching", "none", *alone]),
         "learned+native": (dense, "5", "retrieved", ["--matching", "none"]),
@@ -112,7 +114,7 @@ def _evaluate(fold: str, held_out: tuple[str, ...], args: argparse.Namespace) ->
         "route+native-raw": (stage1, "5", "retrieved", ["--matching", "route", "--postprocess", "none"]),
         "route": (stage1, "5", "retrieved", ["--matching", "route", *alone]),
     }
-    if args.models == "stage1":
+    if not have("dense"):
         runs = {k: v for k, v in runs.items() if k.startswith("route")}
     rows = []
     for name, (model, ks, supports, extra) in runs.items():
@@ -154,7 +156,8 @@ MEAN_HEAD = ("labelprop", "route", "UniverSeg-style", "learned k0", "learned k5"
              "route + native (default)", "learned + native")
 
 
-def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str, tuple[float, float]]) -> str:
+def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str, tuple[float, float]],
+           kept_from: dict[str, list[str]] | None = None) -> str:
     folds = list(dict.fromkeys((f, d) for f, d, *_ in means))
     head = [f"{m} k{k}" + (" shuffled" if s == "shuffled" else "") for m, k, s in COLUMNS]
     lines = [f"Leave-dataset-group-out: per fold, stage 1 ({args.steps} steps), the dense matcher ({args.dense_steps} "
@@ -184,31 +187,29 @@ def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str,
     for fold in [*dict.fromkeys(f for f, _ in folds), None]:
         lines.append(f"| {fold or 'mean of the ' + str(len(folds)) + ' datasets'} | "
                      + " | ".join(f"{mean(c, fold):.3f}" for c in MEAN_COLUMNS) + " |")
-    if args.models == "stage1":
-        lines += ["", "This run (`--models stage1`) re-measured the route, route + native and labelprop columns; the "
-                  "learned, learned + native and UniverSeg-style columns are kept from the earlier full run (their "
-                  "models were not retrained; the inference defaults may have changed since)."]
+    if kept_from:
+        lines += ["", "This run (`--models stage1`) did not re-measure " + ", ".join(
+            f"fold {f}: {', '.join(ms)}" for f, ms in kept_from.items()) + " (their models were not on this machine); "
+            "those rows are kept from the earlier folds.csv (measured with the inference defaults of their day)."]
     lines += ["", "Seconds (train, evaluate) per fold: " + ", ".join(f"{k} {v[0]:.0f} / {v[1]:.0f}" for k, v in times.items())
               + " (train 0 = the fold's models were already trained)."]
     return "\n".join(lines) + "\n"
 
 
-KEPT = ("learned", "learned+native", "universeg")  # the rows --models stage1 does not re-measure
-
-
-def _kept_rows(args: argparse.Namespace, folds: list[str]) -> list[dict]:
-    """With ``--models stage1``: the rows of the folds.csv already under --out that this run does not re-measure
-    (the learned and UniverSeg rows, and every row of a fold not in ``folds``)."""
+def _kept_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
+    """With ``--models stage1``: the rows of the folds.csv already under --out whose (fold, method) this run did not
+    measure (models that are not there: the dense matcher or the comparator, or a fold not run)."""
     path = args.out / "folds.csv"
     if args.models != "stage1" or not path.is_file():
         return []
+    done = {(r["fold"], r["method"]) for r in rows}
     return [{**r, "k": int(r["k"]), "dice": float(r["dice"])} for r in csv.DictReader(open(path))
-            if r["method"] in KEPT or r["fold"] not in folds]
+            if (r["fold"], r["method"]) not in done]
 
 
 def main(args: argparse.Namespace) -> int:
     folds = [f.strip() for f in args.folds.split(",") if f.strip()]
-    kept = _kept_rows(args, folds)
+    old = _kept_rows(args, [])  # read before the first fold rewrites folds.csv
     rows, times = [], {}
     for fold in folds:
         held_out = FOLDS[fold]
@@ -219,17 +220,23 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.time()
         rows += _evaluate(fold, held_out, args)
         times[fold] = (train_s, time.time() - t0)
-        text = _write(rows + kept, args, times)  # after every fold: a long run killed later keeps its finished folds
+        done = {(r["fold"], r["method"]) for r in rows}
+        text = _write(rows + [r for r in old if (r["fold"], r["method"]) not in done], args, times, set(done))  # after every fold: a long run killed later keeps its finished folds
     print(text)
     return 0
 
 
-def _write(rows: list[dict], args: argparse.Namespace, times: dict[str, tuple[float, float]]) -> str:
+def _write(rows: list[dict], args: argparse.Namespace, times: dict[str, tuple[float, float]],
+           measured: set[tuple[str, str]]) -> str:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "folds.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
-    text = _table(_dataset_means(rows), args, times)
+    kept_from: dict[str, list[str]] = {}
+    for r in rows:
+        if (r["fold"], r["method"]) not in measured and r["method"] not in kept_from.get(r["fold"], []):
+            kept_from.setdefault(r["fold"], []).append(r["method"])
+    text = _table(_dataset_means(rows), args, times, kept_from)
     (args.out / "folds.md").write_text(text)
     return text
