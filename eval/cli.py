@@ -58,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="SegICL fine.mode for this run (default: the checkpoint's config, auto); auto = items "
                              "whose supports' masks a mask_size grid cannot hold are segmented at native "
                              "resolution (segicl/native.py); none = always the coarse model")
+    parser.add_argument("--native-classifier", dest="native_classifier", choices=["forest", "vote"], default=None,
+                        help="SegICL fine.classifier for this run (default: the checkpoint's config, forest): what "
+                             "segments thin structures at native resolution (segicl/native.py)")
     parser.add_argument("--blend", type=float, default=None, metavar="W",
                         help="SegICL fine.blend for this run (default: the checkpoint's config, 0.5): weight of the "
                              "128 px propagation averaged into the model's probability for items that are not thin")
@@ -130,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
     if args.loo and args.checkpoint is not None:
         raise SystemExit("segicl evaluate: --loo takes --checkpoints DIR, not --checkpoint")
     eval_config = load_eval_config(args.config)
-    for key in ("matching", "dense_condition", "fine", "blend", "postprocess", "calibration"):  # SegICL settings overridden for this run
+    for key in ("matching", "dense_condition", "fine", "native_classifier", "blend", "postprocess", "calibration"):  # SegICL settings overridden for this run
         if getattr(args, key) is not None:
             eval_config["segicl"] = {**(eval_config.get("segicl") or {}), key: getattr(args, key)}
     if getattr(args, "vlsm_prompt", None) is not None:
@@ -213,7 +216,7 @@ def _describe(args: argparse.Namespace) -> str:
                         ("--samples", args.samples), ("--limit", args.limit), ("--config", args.config),
                         ("--embedder", args.embedder),
                         ("--matching", args.matching), ("--dense-condition", args.dense_condition), ("--fine", args.fine),
-                        ("--blend", args.blend), ("--postprocess", args.postprocess),
+                        ("--native-classifier", args.native_classifier), ("--blend", args.blend), ("--postprocess", args.postprocess),
                         ("--calibration", args.calibration), ("--vlsm-prompt", getattr(args, "vlsm_prompt", None))):
         if value is not None:
             parts += [flag, str(value)]

@@ -427,6 +427,9 @@ def build_method(
         if scfg.get("fine") is not None:  # override fine.mode ("none" / "auto" / "always")
             pipe.set_fine(mode=scfg["fine"])
             desc += f" (fine.mode = {scfg['fine']})"
+        if scfg.get("native_classifier") is not None:  # override fine.classifier ("forest" / "vote")
+            pipe.set_fine(classifier=scfg["native_classifier"])
+            desc += f" (fine.classifier = {scfg['native_classifier']})"
         if scfg.get("blend") is not None:  # override fine.blend (0 = the route's probability alone)
             pipe.set_fine(blend=float(scfg["blend"]))
             desc += f" (fine.blend = {scfg['blend']})"

@@ -188,3 +188,15 @@ def test_pipeline_sends_thin_supports_to_the_native_path_and_blobs_to_the_model(
         pipe.set_fine(mode="sometimes")
     with pytest.raises(ValueError, match="fine.max_size"):
         load_preset("tiny", fine={"max_size": 4})
+
+
+def test_evaluate_overrides_the_native_classifier():
+    from eval.cli import parse_args
+    from eval.methods import build_method
+
+    method, prov = build_method("segicl", {"segicl": {"native_classifier": "vote", "fine": "always"}}, 0, "preset:tiny")
+    assert method.pipe.config.fine.classifier == "vote" and method.pipe.config.fine.mode == "always"
+    assert "fine.classifier = vote" in " ".join(prov.values())
+    assert parse_args(["--data", "x", "--out", "y", "--native-classifier", "vote"]).native_classifier == "vote"
+    with pytest.raises(SystemExit):
+        parse_args(["--data", "x", "--out", "y", "--native-classifier", "svm"])
