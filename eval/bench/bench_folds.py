@@ -196,20 +196,18 @@ def _table(means: dict[tuple, float], args: argparse.Namespace, times: dict[str,
     return "\n".join(lines) + "\n"
 
 
-def _kept_rows(args: argparse.Namespace, rows: list[dict]) -> list[dict]:
-    """With ``--models stage1``: the rows of the folds.csv already under --out whose (fold, method) this run did not
-    measure (models that are not there: the dense matcher or the comparator, or a fold not run)."""
+def _earlier_rows(args: argparse.Namespace) -> list[dict]:
+    """With ``--models stage1``: the rows of the folds.csv already under --out (the rows of models this run does
+    not score are kept from them)."""
     path = args.out / "folds.csv"
     if args.models != "stage1" or not path.is_file():
         return []
-    done = {(r["fold"], r["method"]) for r in rows}
-    return [{**r, "k": int(r["k"]), "dice": float(r["dice"])} for r in csv.DictReader(open(path))
-            if (r["fold"], r["method"]) not in done]
+    return [{**r, "k": int(r["k"]), "dice": float(r["dice"])} for r in csv.DictReader(open(path))]
 
 
 def main(args: argparse.Namespace) -> int:
     folds = [f.strip() for f in args.folds.split(",") if f.strip()]
-    old = _kept_rows(args, [])  # read before the first fold rewrites folds.csv
+    earlier = _earlier_rows(args)  # read before the first fold rewrites folds.csv
     rows, times = [], {}
     for fold in folds:
         held_out = FOLDS[fold]
@@ -220,8 +218,9 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.time()
         rows += _evaluate(fold, held_out, args)
         times[fold] = (train_s, time.time() - t0)
-        done = {(r["fold"], r["method"]) for r in rows}
-        text = _write(rows + [r for r in old if (r["fold"], r["method"]) not in done], args, times, set(done))  # after every fold: a long run killed later keeps its finished folds
+        measured = {(r["fold"], r["method"]) for r in rows}
+        kept = [r for r in earlier if (r["fold"], r["method"]) not in measured]
+        text = _write(rows + kept, args, times, measured)  # after every fold: a killed run keeps its finished folds
     print(text)
     return 0
 
